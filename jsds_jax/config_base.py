@@ -1,0 +1,82 @@
+"""The defaults every experiment config starts from (`configs/*.py` override a few fields).
+
+Every field a binary reads is declared here, so `lock_config=True` turns a typo in
+`--config.x.y=...` into an error rather than a silently ignored setting.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The frozen dual encoder (jsds_jax/models/backbones.py lists the names).
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = "lit"
+  c.backbone.checkpoint = ""      # local directory or Hugging Face id, for blip / clip / albef
+  c.backbone.max_text_len = 64
+  c.backbone.image_resize = ""    # "" = the backbone's own; squash | shorter_crop | pad
+  c.backbone.seed = 0             # tiny only: random init seed
+
+  # Where images and captions come from (jsds_jax/data/registry.py).
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "demo"            # karpathy | coco_tfds | demo | synthetic
+  c.data.json = ""                # karpathy: the split JSON
+  c.data.image_root = ""          # karpathy: the folder image paths are relative to
+  c.data.data_dir = ""            # coco_tfds: tfds data_dir ("" = tfds default)
+  c.data.cache_dir = "~/.cache/jsds_jax/data"  # demo / synthetic: where they are built
+  c.data.dataset = ""             # karpathy: name recorded in caches ("" = the file's field)
+  c.data.include_restval = True   # karpathy COCO / coco_tfds: "train" takes restval too
+  c.data.download = False         # coco_tfds: let tfds download and prepare it
+  c.data.num_images = 40          # synthetic: size of the generated set
+  c.data.captions_per_image = 2   # synthetic
+  c.data.image_size = 64          # synthetic
+  c.data.skip_bad = False         # drop unreadable images / empty captions instead of failing
+  c.data.splits = ("train", "val", "test")
+
+  # The encode step (jsds_jax/encode.py).
+  c.encode = ml_collections.ConfigDict()
+  c.encode.cache_root = "~/.cache/jsds_jax/features"
+  c.encode.batch_size = 64        # global; a multiple of the local device count
+  c.encode.chunk_size = 2048      # items per resumable chunk on disk
+  c.encode.dtype = "float32"      # "bfloat16" on accelerators
+  c.encode.last_block = False     # also cache the token states entering the last block
+  c.encode.num_workers = 8        # image-decoding threads
+
+  # Training the tail (jsds_jax/optim.py, jsds_jax/train_step.py, jsds_jax/input_pipeline.py).
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "jsds"           # jsds | dense_only | d2s
+  c.train.batch_size = 256        # global; a multiple of the device count
+  c.train.num_epochs = 200        # an epoch visits every training image once
+  c.train.warmup_fraction = 0.2   # lr: linear warm-up over this share of steps, then linear to 0
+  c.train.clip_norm = 1.0         # global gradient norm clip, before the groups
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  # The official code's two AdamW groups. "embed": the params whose path matches `params`
+  # (the sparse head's LayerNorm, word embeddings E and vocab bias c); "head": everything else
+  # (W_s, the dense projections, tau). Its `lr` is the paper table's lr column.
+  c.train.embed = ml_collections.ConfigDict()
+  c.train.embed.params = r"^sparse_head/(layer_norm|word_embeddings|vocab_bias)(/|$)"
+  c.train.embed.lr = 5e-5
+  c.train.embed.weight_decay = 0.0
+  c.train.head = ml_collections.ConfigDict()
+  c.train.head.lr = 1e-3
+  c.train.head.weight_decay = 0.05  # the official AdamW's default for this group
+  # Regexes (re.search over "a/b/c" param paths) of params that never change: no update, no
+  # weight decay, no Adam state. d2s adds the dense tails and tau; dense_only the sparse head.
+  c.train.freeze = ()
+  # Loss weights (DESIGN.md §3); defaults are blip_coco's.
+  c.train.loss = ml_collections.ConfigDict()
+  c.train.loss.w1 = 0.1
+  c.train.loss.w2 = 0.1
+  c.train.loss.lam1 = 0.9
+  c.train.loss.lam2 = 0.3
+  c.train.loss.eta_text = 5e-4
+  c.train.loss.eta_image = 3e-5
+  c.train.loss.regularizer = "l1"        # l1 | flops
+  c.train.loss.reg_warmup_fraction = 0.2  # eta(t) = eta * min(1, t / T)^2, T = this * steps
+  c.train.loss.reference_quirks = False  # the official code's KD quirks (ablations only)
+  c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
+  return c

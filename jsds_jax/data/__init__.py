@@ -1,0 +1,1 @@
+"""Datasets (Karpathy JSON, tfds coco_captions, demo, synthetic) and the feature cache."""

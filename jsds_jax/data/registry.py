@@ -1,0 +1,91 @@
+"""`load_split(config.data, split)`: the one entry point from a config to a `RetrievalSplit`.
+
+Fields read from `data_config` (an `ml_collections.ConfigDict`, a dict, or any object with
+attributes), by `name`:
+
+  name="karpathy"   Karpathy JSON + image folder (COCO, Flickr30k, your own data)
+    json              path of the caption file (required)
+    image_root        folder holding <filepath>/<filename> of each record (required)
+    dataset           name recorded in caches, e.g. "coco", "flickr30k" (default: the file's
+                      "dataset" field)
+    include_restval   whether "train" takes "restval" too (default: yes for COCO files)
+    skip_bad          drop bad captions / missing images instead of failing (default False)
+  name="coco_tfds"  tfds coco_captions/2014, already prepared (needs the `tfds` extra)
+    data_dir          tfds data folder (default: tfds' own default)
+    include_restval   "train" = train + restval, the 113k Karpathy set (default True)
+    download          let tfds download and prepare it (default False)
+    skip_bad          drop empty captions (default False)
+  name="demo"       Tux Paint stamps from Debian, built on first use (about 160 MB download)
+    cache_dir         where the package, images and JSON go (default "cache/demo")
+    skip_bad          (default False)
+  name="synthetic"  generated coloured shapes (tests, smoke runs), made on first use
+    cache_dir         parent folder (default "cache/synthetic"); each parameter set gets its
+                      own subfolder, so changing one never reads stale files
+    num_images, captions_per_image, image_size, seed    (defaults 40, 2, 64, 0)
+"""
+
+import os
+import pathlib
+from typing import Any
+
+from jsds_jax.data import coco_tfds
+from jsds_jax.data import demo_tuxpaint
+from jsds_jax.data import karpathy
+from jsds_jax.data import synthetic
+from jsds_jax.data.split import RetrievalSplit
+
+NAMES = ("karpathy", "coco_tfds", "demo", "synthetic")
+_REQUIRED = object()
+
+
+def _get(config: Any, key: str, default: Any = _REQUIRED) -> Any:
+  if hasattr(config, "get"):  # dict, ConfigDict (also when locked)
+    value = config.get(key, None)
+  else:
+    value = getattr(config, key, None)
+  if value is None:
+    if default is _REQUIRED:
+      raise ValueError(f"data config with name={_get(config, 'name', '?')!r} needs the field "
+                       f"{key!r}; see jsds_jax/data/registry.py for the fields of each source")
+    return default
+  return value
+
+
+def synthetic_json(data_config: Any) -> pathlib.Path:
+  """The synthetic dataset's JSON for this config, generated if absent."""
+  params = {k: int(_get(data_config, k, d)) for k, d in
+            (("num_images", 40), ("captions_per_image", 2), ("image_size", 64), ("seed", 0))}
+  root = pathlib.Path(_get(data_config, "cache_dir", "cache/synthetic")).expanduser()
+  root = root / "n{num_images}_c{captions_per_image}_s{image_size}_seed{seed}".format(**params)
+  json_path = root / synthetic.JSON_NAME
+  if not json_path.is_file():
+    synthetic.make_synthetic(root, **params)
+  return json_path
+
+
+def load_split(data_config: Any, split: str) -> RetrievalSplit:
+  """Loads `split` ("train", "val", "test", ...) of the dataset `data_config` describes."""
+  name = _get(data_config, "name")
+  skip_bad = bool(_get(data_config, "skip_bad", False))
+  if name == "karpathy":
+    return karpathy.load_karpathy(
+        os.path.expanduser(_get(data_config, "json")),
+        os.path.expanduser(_get(data_config, "image_root")), split,
+        dataset_name=_get(data_config, "dataset", None) or None, skip_bad=skip_bad,
+        include_restval=_get(data_config, "include_restval", None))
+  if name == "coco_tfds":
+    data_dir = _get(data_config, "data_dir", None)
+    return coco_tfds.load_coco_tfds(
+        split, data_dir=os.path.expanduser(data_dir) if data_dir else None,
+        karpathy=bool(_get(data_config, "include_restval", True)),
+        download=bool(_get(data_config, "download", False)), skip_bad=skip_bad)
+  if name == "demo":
+    cache_dir = pathlib.Path(_get(data_config, "cache_dir", "cache/demo")).expanduser()
+    json_path = demo_tuxpaint.build_demo(cache_dir)
+    return karpathy.load_karpathy(json_path, demo_tuxpaint.demo_paths(cache_dir)[1], split,
+                                  dataset_name=demo_tuxpaint.DATASET, skip_bad=skip_bad)
+  if name == "synthetic":
+    json_path = synthetic_json(data_config)
+    return karpathy.load_karpathy(json_path, json_path.parent / synthetic.IMAGES_DIR, split,
+                                  dataset_name=synthetic.DATASET, skip_bad=skip_bad)
+  raise ValueError(f"unknown data source name={name!r}; choose one of {', '.join(NAMES)}")

@@ -1,0 +1,1 @@
+"""Flax Linen modules: frozen towers, the trained tail, CMC; weight converters."""

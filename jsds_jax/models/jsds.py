@@ -1,0 +1,186 @@
+"""The whole trained tail (two dense tails, one shared sparse head, τ) and its score functions.
+
+`JSDSTail` maps cached pre-projection features h to a dense embedding e and a sparse vector z
+per item (DESIGN.md §3). The score functions below turn a batch of those into the B×B matrices
+the losses (`jsds_jax/losses.py`) and the evaluator read; they live here, beside the model that
+defines what a score is, while losses.py only consumes score matrices.
+
+Convention everywhere: rows are images, columns are captions.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jsds_jax.models import convert
+from jsds_jax.models import dense_tail as dense_tail_lib
+from jsds_jax.models import sparse_head as sparse_head_lib
+
+TAU_INIT = 0.07
+TAU_MIN = 0.001
+TAU_MAX = 0.5
+
+
+def clamp_tau(tau: jax.Array, tau_min: float = TAU_MIN, tau_max: float = TAU_MAX) -> jax.Array:
+  """τ clipped to [tau_min, tau_max] in value, with the gradient of the unclipped τ.
+
+  The official code clamps the τ parameter in place before every step, so an update that
+  overshoots a bound is undone and τ can still move back. A plain `jnp.clip` would instead
+  zero the gradient outside the range and leave τ stuck there (and weight decay would drag
+  it further out); the straight-through form keeps it responsive without mutating params.
+
+  Args:
+    tau: () the raw parameter.
+
+  Returns:
+    () the temperature to divide scores by.
+  """
+  # tau - stop_gradient(tau) is exactly 0 in value and 1 in gradient.
+  clipped = jax.lax.stop_gradient(jnp.clip(tau, tau_min, tau_max))
+  return clipped + (tau - jax.lax.stop_gradient(tau))
+
+
+def _dense_tail(cfg: "JSDSTail") -> dense_tail_lib.DenseTail:
+  """The DenseTail a JSDSTail holds per modality (also used to init it part by part)."""
+  return dense_tail_lib.DenseTail(cfg.embed_dim, cfg.use_bias, cfg.dtype)
+
+
+def _sparse_head(cfg: "JSDSTail") -> sparse_head_lib.SparseHead:
+  """The SparseHead a JSDSTail shares between modalities."""
+  return sparse_head_lib.SparseHead(cfg.vocab_size, cfg.word_dim, cfg.use_vocab_bias, cfg.dtype)
+
+
+class JSDSTail(nn.Module):
+  """Image and text dense tails, one sparse head shared by both, and a learnable τ.
+
+  Attributes:
+    embed_dim: P = d_e, the dense embedding width (256 for BLIP/ALBEF).
+    vocab_size: |V| of the sparse head.
+    word_dim: d_w of the sparse head (the text encoder's word-embedding width).
+    use_bias: whether the dense projections have biases.
+    use_vocab_bias: whether the sparse head has the (V,) bias c.
+    tau_init, tau_min, tau_max: the temperature's start value and clamp range.
+    dtype: computation dtype; params stay float32.
+  """
+
+  embed_dim: int
+  vocab_size: int
+  word_dim: int
+  use_bias: bool = True
+  use_vocab_bias: bool = True
+  tau_init: float = TAU_INIT
+  tau_min: float = TAU_MIN
+  tau_max: float = TAU_MAX
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.image_tail = _dense_tail(self)
+    self.text_tail = _dense_tail(self)
+    self.sparse_head = _sparse_head(self)
+    # τ itself (not log τ), as the official optimizer group trains it at lr 1e-3.
+    self.tau = self.param("tau", nn.initializers.constant(self.tau_init), (), jnp.float32)
+
+  def temperature(self) -> jax.Array:
+    """() the clamped τ (see `clamp_tau`)."""
+    return clamp_tau(self.tau, self.tau_min, self.tau_max)
+
+  def encode_image(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Args: h (B, D_img) cached image features. Returns: e (B, P) unit-norm, z (B, V) >= 0."""
+    e = self.image_tail(h)
+    return e, self.sparse_head(e)
+
+  def encode_text(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Args: h (B, D_txt) cached caption features. Returns: e (B, P) unit-norm, z (B, V) >= 0."""
+    e = self.text_tail(h)
+    return e, self.sparse_head(e)
+
+  def __call__(self, h_img: jax.Array, h_txt: jax.Array) -> dict[str, jax.Array]:
+    """Encodes a batch of images and captions.
+
+    Args:
+      h_img: (B_i, D_img) image features.
+      h_txt: (B_t, D_txt) caption features.
+
+    Returns:
+      {"e_i": (B_i, P), "z_i": (B_i, V), "e_t": (B_t, P), "z_t": (B_t, V), "tau": () clamped}.
+    """
+    e_i, z_i = self.encode_image(h_img)
+    e_t, z_t = self.encode_text(h_txt)
+    return dict(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=self.temperature())
+
+
+def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: int,
+                   vision_proj: Optional[Mapping[str, Any]] = None,
+                   text_proj: Optional[Mapping[str, Any]] = None,
+                   word_embeddings: Any = None) -> dict:
+  """Params of a `JSDSTail`, starting from the backbone's pieces where it has them.
+
+  Args:
+    rng: PRNG key for everything freshly initialised.
+    module: the `JSDSTail`.
+    image_dim, text_dim: widths of the cached image / caption features.
+    vision_proj, text_proj: {"kernel": (D, P), "bias": (P,)} from the backbone's converter, or
+      None for a fresh init (a backbone without projections, e.g. `lit`).
+    word_embeddings: (V, d_w) text-encoder word embeddings to tie E to, or None.
+
+  Returns:
+    {"image_tail": ..., "text_tail": ..., "sparse_head": ..., "tau": ()}, float32.
+  """
+  k_img, k_txt, k_head = jax.random.split(rng, 3)
+  # Part by part, so pieces that come from the backbone are never randomly initialised.
+  params = {
+      "image_tail": dense_tail_lib.init_dense_tail(k_img, _dense_tail(module), image_dim,
+                                                   vision_proj),
+      "text_tail": dense_tail_lib.init_dense_tail(k_txt, _dense_tail(module), text_dim,
+                                                  text_proj),
+      "sparse_head": sparse_head_lib.init_sparse_head(k_head, _sparse_head(module),
+                                                      module.embed_dim, word_embeddings),
+      "tau": jnp.asarray(module.tau_init, jnp.float32),
+  }
+  reference = jax.eval_shape(module.init, rng, jnp.zeros((1, image_dim), jnp.float32),
+                             jnp.zeros((1, text_dim), jnp.float32))["params"]
+  convert.assert_same_structure(params, reference, "JSDSTail params")
+  return params
+
+
+def dense_scores(e_i: jax.Array, e_t: jax.Array, tau: jax.Array) -> jax.Array:
+  """S_d = e_i e_tᵀ / τ.
+
+  Args:
+    e_i: (B_i, P) image embeddings. e_t: (B_t, P) caption embeddings. tau: () temperature.
+
+  Returns:
+    (B_i, B_t), in the promoted dtype of the inputs and at least float32.
+  """
+  dt = jnp.promote_types(jnp.result_type(e_i, e_t), jnp.float32)
+  s = jnp.einsum("id,td->it", e_i, e_t, preferred_element_type=dt)
+  return s / jnp.asarray(tau, dt)
+
+
+def sparse_scores(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
+  """S_s = z_i z_tᵀ.
+
+  Args:
+    z_i: (B_i, V) image term weights. z_t: (B_t, V) caption term weights.
+
+  Returns:
+    (B_i, B_t), at least float32 (bf16 inputs accumulate in float32).
+  """
+  dt = jnp.promote_types(jnp.result_type(z_i, z_t), jnp.float32)
+  return jnp.einsum("iv,tv->it", z_i, z_t, preferred_element_type=dt)
+
+
+def integrated_scores(s_d: jax.Array, s_s: jax.Array, w1: Any, w2: Any) -> jax.Array:
+  """S_int = w1·S_d + w2·S_s.
+
+  Args:
+    s_d: (B_i, B_t) dense scores (already divided by τ). s_s: (B_i, B_t) sparse scores.
+    w1, w2: () weights (floats or arrays).
+
+  Returns:
+    (B_i, B_t).
+  """
+  return w1 * s_d + w2 * s_s

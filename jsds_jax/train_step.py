@@ -1,0 +1,215 @@
+"""The sharded train step: a per-device function over the 'data' mesh axis (`jax.shard_map`).
+
+Each device gathers its share of the step's batch from the on-device feature cache
+(`input_pipeline.gather_batch`), encodes it with the tail, all-gathers the embeddings and sparse
+vectors so that every device holds the global batch (negatives span all B pairs), computes the
+B × B scores and the loss of the global batch, and takes gradients.
+
+Gradients. Every device evaluates the same global loss L from the gathered arrays. Taking the
+gradient with respect to a *device-varying* copy of the params (`jax.lax.pcast(..., to=
+"varying")`), device d gets ∂L/∂τ for the direct path through τ plus n · (its local items'
+contribution) for the paths through `all_gather`, whose transpose is a reduce-scatter that sums
+the n identical cotangents. `pmean` over the n devices then gives exactly ∂L/∂θ: (1/n)·Σ_d n·c_d
+= Σ_d c_d, and (1/n)·n·∂L/∂τ for τ. (Differentiating the replicated params directly instead
+would let shard_map insert a psum itself, and the result would be n · ∂L/∂θ.) The test in
+tests/test_train_step.py checks this against a one-device mesh.
+
+Cost: the B × V sparse vectors are gathered (on one accelerator this is free); the per-item
+work (tails, sparse head, its gradient) stays local, only the B × B loss is duplicated.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jsds_jax import input_pipeline
+from jsds_jax import losses
+from jsds_jax import optim
+from jsds_jax.models import jsds
+
+P = jax.sharding.PartitionSpec
+AXIS = input_pipeline.DATA_AXIS
+MODES = ("jsds", "dense_only", "d2s")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes.
+
+  Attributes:
+    step: () int32, optimizer steps taken.
+    params: the `JSDSTail` params.
+    opt_state: the optax state.
+    rng: PRNG key; step t uses `fold_in(rng, t)`.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """A fresh state at step 0, replicated over `mesh` when given.
+
+  The state may share buffers with `params` (`device_put` does not copy what is already in
+  place) and the step donates the state: do not read `params` after the first step.
+  """
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=rng)
+  if mesh is not None:
+    state = jax.device_put(state, input_pipeline.replicated(mesh))
+  return state
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """The loss's static settings (`train.mode` and `train.loss` of the config)."""
+
+  mode: str = "jsds"
+  w1: float = 0.1
+  w2: float = 0.1
+  lam1: float = 0.9
+  lam2: float = 0.3
+  eta_text: float = 5e-4
+  eta_image: float = 3e-5
+  regularizer: str = "l1"
+  reg_warmup_fraction: float = 0.2
+  reference_quirks: bool = False
+  tau_teacher: float = 1e-3
+  total_steps: int = 1
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"train.mode must be one of {MODES}, got {self.mode!r}")
+
+  @classmethod
+  def from_config(cls, train: ml_collections.ConfigDict, total_steps: int) -> "LossSettings":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"mode", "total_steps"}
+    return cls(mode=train.mode, total_steps=int(total_steps),
+               **{k: train.loss[k] for k in fields})
+
+
+def _encode_dense(m: jsds.JSDSTail, h_img, h_txt):
+  return dict(e_i=m.image_tail(h_img), e_t=m.text_tail(h_txt), tau=m.temperature())
+
+
+def _encode_d2s(m: jsds.JSDSTail, h_img, h_txt):
+  # The dense side is the frozen teacher: no gradient flows back into it through z.
+  e_i = jax.lax.stop_gradient(m.image_tail(h_img))
+  e_t = jax.lax.stop_gradient(m.text_tail(h_txt))
+  return dict(e_i=e_i, e_t=e_t, z_i=m.sparse_head(e_i), z_t=m.sparse_head(e_t),
+              tau=m.temperature())
+
+
+def _encode_all(m: jsds.JSDSTail, h_img, h_txt):
+  return m(h_img, h_txt)
+
+
+_ENCODERS = {"jsds": _encode_all, "dense_only": _encode_dense, "d2s": _encode_d2s}
+
+
+def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax.Array,
+                      settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The mode's loss of a (global) batch.
+
+  Args:
+    out: {"e_i", "e_t": (B, P), "tau": (), and for jsds/d2s "z_i", "z_t": (B, V)}.
+    image_idx: (B,) image row of each pair; captions of one image are each other's positives
+      (with `input_pipeline.epoch_order` batches they never share an image).
+    step: () optimizer steps taken (the regulariser's warm-up).
+    settings: the loss settings.
+
+  Returns:
+    (loss (), metrics).
+  """
+  s = settings
+  positives = losses.positives_from_ids(image_idx, image_idx)
+  reg_args = dict(eta_t=s.eta_text, eta_i=s.eta_image, step=step, total_steps=s.total_steps,
+                  regularizer=s.regularizer, warmup_fraction=s.reg_warmup_fraction)
+  if s.mode == "dense_only":
+    return losses.dense_only_loss(jsds.dense_scores(out["e_i"], out["e_t"], out["tau"]),
+                                  positives)
+  s_s = jsds.sparse_scores(out["z_i"], out["z_t"])
+  if s.mode == "d2s":
+    teacher = jsds.dense_scores(out["e_i"], out["e_t"], 1.0)
+    return losses.d2s_loss(s_s, teacher, s.tau_teacher, out["z_i"], out["z_t"], **reg_args)
+  s_d = jsds.dense_scores(out["e_i"], out["e_t"], out["tau"])
+  return losses.jsds_loss(s_d, s_s, s.w1, s.w2, s.lam1, s.lam2, out["z_i"], out["z_t"],
+                          reference_quirks=s.reference_quirks, positive_mask=positives,
+                          **reg_args)
+
+
+def _mean_nnz(z: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
+
+
+def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
+                    train: ml_collections.ConfigDict, total_steps: int,
+                    mesh: jax.sharding.Mesh,
+                    compiler_options: dict[str, Any] | None = None,
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """The jitted, sharded train step.
+
+  Args:
+    module: the `JSDSTail`.
+    tx: the optimizer (`optim.make_optimizer(train, total_steps)`).
+    train: the config's `train` section (mode, loss weights, lr schedules for the metrics).
+    total_steps: the run's optimizer steps.
+    mesh: a mesh with a 'data' axis; the global batch must divide by its size.
+    compiler_options: passed to `jax.jit` (tests turn XLA's slow CPU passes off with them).
+
+  Returns:
+    step(state, features, order, step_in_epoch) -> (state, metrics), where `state` is a
+    replicated `TrainState` (donated: do not reuse the argument), `features` the replicated
+    `input_pipeline.DeviceFeatures`, `order` the epoch's (steps, B) int32 caption indices from
+    `input_pipeline.device_order` (batch axis over 'data'), and `step_in_epoch` the row to
+    train on (a Python int or an int32 scalar: it is traced, changing it does not recompile).
+    metrics: () float32 each: the loss's parts (see `jsds_jax.losses`), "loss", "tau",
+    "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
+    (after pmean, before clipping), "param_norm", "lr_embed", "lr_head".
+  """
+  settings = LossSettings.from_config(train, total_steps)
+  encode = _ENCODERS[settings.mode]
+  scheds = optim.schedules(train, total_steps)
+
+  def per_device(state: TrainState, features: input_pipeline.DeviceFeatures,
+                 order: jax.Array, step_in_epoch: jax.Array):
+    caption_idx = jax.lax.dynamic_index_in_dim(order, step_in_epoch, 0, keepdims=False)
+    h_img, h_txt, image_idx = input_pipeline.gather_batch(features, caption_idx)
+    gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
+    image_idx = gather(image_idx)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      out = module.apply({"params": params}, h_img, h_txt, method=encode,
+                         rngs={"dropout": step_rng})
+      out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
+      loss, metrics = loss_from_outputs(out, image_idx, state.step, settings)
+      metrics = dict(metrics, loss=loss, tau=out["tau"])
+      if "z_i" in out:
+        metrics.update(nnz_image=_mean_nnz(out["z_i"]), nnz_text=_mean_nnz(out["z_t"]))
+      return loss, metrics
+
+    # Per-device gradients of the global loss, then their mean (see the module docstring).
+    local_params = jax.lax.pcast(state.params, AXIS, to="varying")
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+    grads = jax.lax.pmean(grads, AXIS)
+    metrics = jax.lax.pmean(metrics, AXIS)  # identical on every device; makes them invariant
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   **{f"lr_{g}": s(state.step) for g, s in scheds.items()})
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P()),
+                          out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=(0,), compiler_options=compiler_options)
