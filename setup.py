@@ -24,6 +24,7 @@ setuptools.setup(
         "tqdm",
         "absl-py",
         "numba",  # the exact inverted index's kernels
+        "matplotlib",  # eval's pruning plot (Agg backend, no display needed)
     ],
     extras_require={
         # The tfds path needs TensorFlow to construct any builder; nothing else imports it.
@@ -44,6 +45,8 @@ setuptools.setup(
         "console_scripts": [
             "jsds-encode=jsds_jax.encode:run",
             "jsds-run=jsds_jax.main:run",
+            "jsds-eval=jsds_jax.eval:run",
+            "jsds-search=jsds_jax.search:run",
         ],
     },
 )

@@ -79,4 +79,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss.reg_warmup_fraction = 0.2  # eta(t) = eta * min(1, t / T)^2, T = this * steps
   c.train.loss.reference_quirks = False  # the official code's KD quirks (ablations only)
   c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
+  # The loop (jsds_jax/train.py) and its checkpoints (jsds_jax/checkpoint.py).
+  c.train.features = ""           # a dataset's cache folder (<root>/<backbone>-<key>/<dataset>)
+                                  # to train from as it is; "" = encode this config's (or reuse)
+  c.train.val_split = "val"       # validated on, for the best checkpoint and early stopping
+  c.train.log_every = 50          # steps between train-metric records (JSONL + TensorBoard)
+  c.train.eval_every_epochs = 1   # validate every this many epochs (and after the last step)
+  c.train.patience = 20           # stop after this many validations without a better score
+                                  # (sparse R@1 t2i; dense in dense_only); 0 = never
+  c.train.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
+  c.train.keep_checkpoints = 3    # regular checkpoints kept; the best one is kept apart
+  c.train.progress = True         # tqdm progress bar
+
+  # The trained tail's shape (jsds_jax/models/jsds.py); the rest comes from the feature cache.
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 0           # P; 0 = the backbone projection's width, 256 without one
+  c.model.use_vocab_bias = True   # the sparse head's (V,) bias c
+  c.model.dtype = "float32"       # computation dtype ("bfloat16" on accelerators)
   return c

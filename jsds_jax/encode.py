@@ -36,6 +36,7 @@ from jsds_jax.data import registry
 from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
 from jsds_jax.models import backbones
+from jsds_jax import distributed
 from jsds_jax import sharding
 
 
@@ -357,6 +358,7 @@ def describe(cache_dirs: dict[str, pathlib.Path]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
   config = flags.FLAGS.config
   dirs = encode(config)
   print("Feature cache written:\n" + describe(dirs))

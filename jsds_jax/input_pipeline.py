@@ -25,6 +25,22 @@ Order. `epoch_order(seed, epoch, ...)` is a pure function: numpy's PCG64 seeded 
 SeedSequence([seed, epoch]), so a run resumed at data position (epoch, step_in_epoch) sees
 exactly the batches it would have seen (numpy keeps Generator streams stable within a release;
 a numpy upgrade mid-run may change the order after a resume, not its properties).
+
+Two layouts. "replicated" (above) is the single-host default. "sharded" is for multi-process
+runs, where each process must read only its part of the cache: `shard_layout` assigns every
+image, with all its captions, to one of the mesh's n devices (a fixed seeded permutation, dealt
+round-robin, so shards differ by at most one image); device d holds only shard d's rows, padded
+to a common length, as one block of a globally sharded array (`PartitionSpec('data')`), and each
+process memory-maps the .npy files and reads only the rows of its own devices' shards.
+`epoch_order(..., layout=...)` then draws device d's B/n columns of every step from shard d's
+images (each shard permuted and caption-sampled with its own stream, SeedSequence([seed, epoch,
+d])), so the order holds *local* row ids and the in-step gather stays local with no
+all-to-all. Batches keep B distinct images and an epoch still visits an image at most once; the
+difference from "replicated" is that a batch always takes exactly B/n images from each shard,
+and an epoch has min_d(images in shard d) // (B/n) steps (at most one fewer than N // B). The
+sharded order is a function of (seed, epoch, n): a run resumed on a different device count sees
+different batches, not a wrong state. The step must receive the features with in_spec
+`features_spec(features)` (P('data') for sharded), see `jsds_jax/train_step.py`.
 """
 
 from collections.abc import Mapping
@@ -44,7 +60,7 @@ DATA_AXIS = "data"
 
 @flax.struct.dataclass
 class DeviceFeatures:
-  """One split's [CLS] cache, on the devices.
+  """One split's [CLS] cache, on the devices (whole on each, or one shard per device).
 
   Attributes:
     image_pooled: (N_images, D_img) h of every image.
@@ -55,6 +71,10 @@ class DeviceFeatures:
   image_pooled: jax.Array
   text_pooled: jax.Array
   caption_image_index: jax.Array
+  # "replicated": the arrays above are whole on every device. "sharded": they are (n·R, D)
+  # global arrays split over 'data'; device d's block holds shard d (see `ShardLayout`), its
+  # caption_image_index gives LOCAL image rows, and the sizes below count padded rows.
+  layout: str = flax.struct.field(pytree_node=False, default="replicated")
 
   @property
   def num_images(self) -> int:
@@ -112,6 +132,161 @@ def load_device_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,
                          split["caption_image_index"], mesh, dtype)
 
 
+def features_spec(features: DeviceFeatures) -> jax.sharding.PartitionSpec:
+  """The shard_map in_spec the step must give `features`: P() replicated, P('data') sharded."""
+  if features.layout == "sharded":
+    return jax.sharding.PartitionSpec(DATA_AXIS)
+  return jax.sharding.PartitionSpec()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardLayout:
+  """Which images, with all their captions, each of n shards (devices on 'data') holds.
+
+  Attributes:
+    images: (n, R_img) int64 global image rows of each shard, ascending, -1 past its count.
+    captions: (n, R_cap) int64 global caption rows of each shard, ascending, -1 past its count.
+    caption_image: (n, R_cap) int32 LOCAL image row (into `images[d]`) of each local caption,
+      0 at padding.
+    num_images: (n,) real images per shard.
+    num_captions: (n,) real captions per shard.
+  """
+
+  images: np.ndarray
+  captions: np.ndarray
+  caption_image: np.ndarray
+  num_images: np.ndarray
+  num_captions: np.ndarray
+
+  @property
+  def num_shards(self) -> int:
+    return self.images.shape[0]
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Steps of a sharded epoch: the smallest shard runs out first."""
+    per_shard = _per_shard_batch(batch_size, self.num_shards)
+    return steps_per_epoch(int(self.num_images.min()), per_shard)
+
+  def global_captions(self, order: np.ndarray) -> np.ndarray:
+    """Maps a sharded epoch order (steps, B) of local caption rows to global caption rows."""
+    order = np.asarray(order)
+    per_shard = _per_shard_batch(order.shape[1], self.num_shards)
+    shard = np.arange(order.shape[1]) // per_shard
+    return self.captions[shard[None, :], order]
+
+
+def _per_shard_batch(batch_size: int, num_shards: int) -> int:
+  if batch_size % num_shards:
+    raise ValueError(f"batch size {batch_size} is not a multiple of the {num_shards} devices")
+  return batch_size // num_shards
+
+
+def shard_layout(caption_image_index: Any, num_shards: int, seed: int = 0) -> ShardLayout:
+  """Assigns images (with their captions) to `num_shards` shards; a pure function.
+
+  Args:
+    caption_image_index: (N_captions,) caption -> image row (every image has a caption).
+    num_shards: n, the size of the mesh's 'data' axis.
+    seed: the layout's seed (fixed for a run: a checkpoint's data position assumes it).
+
+  Returns:
+    The `ShardLayout`; shard sizes differ by at most one image.
+  """
+  cap_img = np.asarray(caption_image_index, np.int64)
+  num_images = int(cap_img.max()) + 1 if cap_img.size else 0
+  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, num_shards])))
+  shard_of_image = np.empty(num_images, np.int64)
+  shard_of_image[rng.permutation(num_images)] = np.arange(num_images) % num_shards
+  shard_of_caption = shard_of_image[cap_img]
+  img_counts = np.bincount(shard_of_image, minlength=num_shards)
+  cap_counts = np.bincount(shard_of_caption, minlength=num_shards)
+  images = np.full((num_shards, max(int(img_counts.max()), 1)), -1, np.int64)
+  captions = np.full((num_shards, max(int(cap_counts.max()), 1)), -1, np.int64)
+  caption_image = np.zeros(captions.shape, np.int32)
+  local_row = np.empty(num_images, np.int64)
+  for d in range(num_shards):
+    # Ascending rows: a process's reads from the memory-mapped .npy go forward through the file.
+    imgs = np.flatnonzero(shard_of_image == d)
+    caps = np.flatnonzero(shard_of_caption == d)
+    local_row[imgs] = np.arange(imgs.size)
+    images[d, :imgs.size] = imgs
+    captions[d, :caps.size] = caps
+    caption_image[d, :caps.size] = local_row[cap_img[caps]]
+  return ShardLayout(images=images, captions=captions, caption_image=caption_image,
+                     num_images=img_counts, num_captions=cap_counts)
+
+
+def _put_sharded(source: Any, rows: np.ndarray, mesh: jax.sharding.Mesh,
+                 dtype: Optional[Any]) -> jax.Array:
+  """A (n·R, ...) array split over 'data' whose block d is `source[rows[d]]` (-1 -> zeros).
+
+  Only this process's devices' blocks are read (the callback runs for addressable devices
+  only), so with `source` a memmap each process reads just its own rows from disk.
+  """
+  n, r = rows.shape
+  shape = (n * r,) + tuple(np.shape(source)[1:])
+  out_dtype = np.dtype(dtype) if dtype is not None else np.asarray(source[:0]).dtype
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+  def block(index):
+    d = (index[0].start or 0) // r
+    want = rows[d]
+    real = want[want >= 0]  # padding sits at the end of each shard's row list
+    out = np.zeros((r,) + shape[1:], out_dtype)
+    out[:real.size] = np.asarray(source[real], out_dtype)
+    return out
+
+  return jax.make_array_from_callback(shape, sharding, block)
+
+
+def device_features_sharded(image_pooled: Any, text_pooled: Any, layout: ShardLayout,
+                            mesh: jax.sharding.Mesh,
+                            dtype: Optional[Any] = None) -> DeviceFeatures:
+  """Puts one shard of a split on each device of `mesh` (the "sharded" layout).
+
+  Args:
+    image_pooled: (N_images, D_img) host array; a memmap is read only at this process's rows.
+    text_pooled: (N_captions, D_txt), likewise.
+    layout: `shard_layout(caption_image_index, mesh.shape['data'])`.
+    mesh: a mesh with a 'data' axis of `layout.num_shards` devices (all processes' devices).
+    dtype: storage dtype on the devices (None keeps the cache's).
+
+  Returns:
+    `DeviceFeatures` with layout "sharded": image_pooled (n·R_img, D_img), text_pooled
+    (n·R_cap, D_txt), caption_image_index (n·R_cap,) int32 local image rows.
+  """
+  if mesh.shape[DATA_AXIS] != layout.num_shards:
+    raise ValueError(f"layout has {layout.num_shards} shards for a 'data' axis of "
+                     f"{mesh.shape[DATA_AXIS]} devices")
+  n_img, n_cap = int(np.shape(image_pooled)[0]), int(np.shape(text_pooled)[0])
+  if int(layout.num_images.sum()) != n_img or int(layout.num_captions.sum()) != n_cap:
+    raise ValueError(f"layout covers {int(layout.num_images.sum())} images and "
+                     f"{int(layout.num_captions.sum())} captions; the cache has {n_img} and "
+                     f"{n_cap}")
+  n, r_cap = layout.caption_image.shape
+  cap_img = jax.make_array_from_callback(
+      (n * r_cap,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS)),
+      lambda index: layout.caption_image.reshape(-1)[index])
+  return DeviceFeatures(image_pooled=_put_sharded(image_pooled, layout.images, mesh, dtype),
+                        text_pooled=_put_sharded(text_pooled, layout.captions, mesh, dtype),
+                        caption_image_index=cap_img, layout="sharded")
+
+
+def load_sharded_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,
+                          dtype: Optional[Any] = None,
+                          seed: int = 0) -> tuple[DeviceFeatures, ShardLayout]:
+  """Reads this process's shards of a split's [CLS] cache; returns them and the layout.
+
+  Every process reads the (small) caption_image_index whole, to compute the same layout and
+  epoch orders, and from the feature arrays only the rows of its own devices' shards.
+  """
+  split = feature_cache.load_split(directory, mmap=True)
+  layout = shard_layout(split["caption_image_index"], mesh.shape[DATA_AXIS], seed)
+  features = device_features_sharded(split["image_pooled"], split["text_pooled"], layout, mesh,
+                                     dtype)
+  return features, layout
+
+
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
   """Steps in one epoch: every image once, the last partial batch dropped."""
   steps = num_images // batch_size
@@ -121,7 +296,8 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
   return steps
 
 
-def epoch_order(seed: int, epoch: int, caption_image_index: Any, batch_size: int) -> np.ndarray:
+def epoch_order(seed: int, epoch: int, caption_image_index: Any, batch_size: int,
+                layout: Optional[ShardLayout] = None) -> np.ndarray:
   """The caption indices of every step of one epoch; a pure function of its arguments.
 
   Args:
@@ -129,18 +305,43 @@ def epoch_order(seed: int, epoch: int, caption_image_index: Any, batch_size: int
     epoch: 0-based epoch.
     caption_image_index: (N_captions,) caption -> image row.
     batch_size: B, the global batch.
+    layout: for the "sharded" layout, its `ShardLayout` (`caption_image_index` is then only
+      used to check it matches).
 
   Returns:
     (steps_per_epoch, B) int32 caption indices; the B captions of a row belong to B distinct
-    images, and every image appears in at most one row.
+    images, and every image appears in at most one row. With `layout`, columns
+    [d·B/n, (d+1)·B/n) are LOCAL caption rows of shard d (`layout.global_captions` maps them
+    back) and there are `layout.steps_per_epoch(B)` rows.
   """
+  if layout is not None:
+    return _sharded_epoch_order(seed, epoch, caption_image_index, batch_size, layout)
+  return _epoch_order(np.random.SeedSequence([seed, epoch]), caption_image_index, batch_size)
+
+
+def _sharded_epoch_order(seed: int, epoch: int, caption_image_index: Any, batch_size: int,
+                         layout: ShardLayout) -> np.ndarray:
+  if int(layout.num_captions.sum()) != np.shape(caption_image_index)[0]:
+    raise ValueError("the layout was made for another caption table")
+  per_shard = _per_shard_batch(batch_size, layout.num_shards)
+  steps = layout.steps_per_epoch(batch_size)
+  cols = []
+  for d in range(layout.num_shards):
+    local = layout.caption_image[d, :layout.num_captions[d]]
+    order = _epoch_order(np.random.SeedSequence([seed, epoch, d]), local, per_shard)
+    cols.append(order[:steps])
+  return np.concatenate(cols, axis=1)
+
+
+def _epoch_order(seed_seq: np.random.SeedSequence, caption_image_index: Any,
+                 batch_size: int) -> np.ndarray:
   cap_img = np.asarray(caption_image_index, np.int64)
   num_images = int(cap_img.max()) + 1 if cap_img.size else 0
   steps = steps_per_epoch(num_images, batch_size)
   counts = np.bincount(cap_img, minlength=num_images)
   if np.any(counts == 0):
     raise ValueError(f"{int(np.sum(counts == 0))} images have no caption")
-  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+  rng = np.random.Generator(np.random.PCG64(seed_seq))
   images = rng.permutation(num_images)[:steps * batch_size]
   # Captions grouped by image (stable sort keeps each image's captions in file order), so
   # image k's captions are rows starts[k] .. starts[k] + counts[k] - 1 of `by_image`.
@@ -153,7 +354,11 @@ def epoch_order(seed: int, epoch: int, caption_image_index: Any, batch_size: int
 
 def device_order(order: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """An epoch's (steps, B) order on the devices, batch axis split over 'data': each device
-  holds the caption indices of its own share of every step's batch."""
+  holds the caption indices of its own share of every step's batch.
+
+  Multi-process: every process passes the same global order (it is a pure function of the
+  seed and epoch) and places only its own devices' columns.
+  """
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, DATA_AXIS))
   order = np.asarray(order, np.int32)
   return jax.make_array_from_callback(order.shape, sharding, lambda idx: order[idx])
@@ -164,16 +369,20 @@ def gather_batch(features: DeviceFeatures,
   """A batch's features, gathered on the device.
 
   Args:
-    features: the (replicated) cache.
-    caption_idx: (B,) int32 caption indices.
+    features: the cache as the device sees it: whole (replicated) or its own shard.
+    caption_idx: (B,) int32 caption rows of `features` (local rows for a shard).
 
   Returns:
     h_img (B, D_img), h_txt (B, D_txt), image_idx (B,) int32 (pair k = image_idx[k] with
-    caption caption_idx[k]).
+    caption caption_idx[k]; for a shard, the image's row in the global padded array, so that
+    ids from different devices never collide when the step all-gathers them as positives).
   """
   image_idx = jnp.take(features.caption_image_index, caption_idx, axis=0)
   h_img = jnp.take(features.image_pooled, image_idx, axis=0)
   h_txt = jnp.take(features.text_pooled, caption_idx, axis=0)
+  if features.layout == "sharded":
+    # Inside the step's shard_map: local row + this device's block offset.
+    image_idx = image_idx + jax.lax.axis_index(DATA_AXIS) * features.image_pooled.shape[0]
   return h_img, h_txt, image_idx
 
 

@@ -104,8 +104,8 @@ def _encode_d2s(m: jsds.JSDSTail, h_img, h_txt):
   # The dense side is the frozen teacher: no gradient flows back into it through z.
   e_i = jax.lax.stop_gradient(m.image_tail(h_img))
   e_t = jax.lax.stop_gradient(m.text_tail(h_txt))
-  return dict(e_i=e_i, e_t=e_t, z_i=m.sparse_head(e_i), z_t=m.sparse_head(e_t),
-              tau=m.temperature())
+  z_i, z_t = m.sparse_terms(e_i, e_t)
+  return dict(e_i=e_i, e_t=e_t, z_i=z_i, z_t=z_t, tau=m.temperature())
 
 
 def _encode_all(m: jsds.JSDSTail, h_img, h_txt):

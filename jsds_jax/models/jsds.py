@@ -107,9 +107,24 @@ class JSDSTail(nn.Module):
     Returns:
       {"e_i": (B_i, P), "z_i": (B_i, V), "e_t": (B_t, P), "z_t": (B_t, V), "tau": () clamped}.
     """
-    e_i, z_i = self.encode_image(h_img)
-    e_t, z_t = self.encode_text(h_txt)
+    e_i, e_t = self.image_tail(h_img), self.text_tail(h_txt)
+    z_i, z_t = self.sparse_terms(e_i, e_t)
     return dict(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=self.temperature())
+
+  def sparse_terms(self, e_i: jax.Array, e_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The shared sparse head on both modalities at once.
+
+    One pass over the stacked (B_i + B_t, P) embeddings rather than one per modality: E is
+    read once, and its gradient is one (V, d_w) matmul instead of two summed afterwards.
+
+    Args:
+      e_i: (B_i, P) image embeddings. e_t: (B_t, P) caption embeddings.
+
+    Returns:
+      z_i (B_i, V), z_t (B_t, V).
+    """
+    z = self.sparse_head(jnp.concatenate([e_i, e_t.astype(e_i.dtype)], axis=0))
+    return z[:e_i.shape[0]], z[e_i.shape[0]:]
 
 
 def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: int,

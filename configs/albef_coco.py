@@ -1,0 +1,67 @@
+"""The paper's `albef_coco` run: ALBEF ViT-B (LAVIS COCO retrieval weights) on COCO Karpathy.
+
+  python -m jsds_jax.main --config configs/albef_coco.py --workdir runs/albef_coco \
+      --config.backbone.checkpoint=/ckpt/albef_coco_retrieval \
+      --config.data.json=/data/coco/dataset_coco.json --config.data.image_root=/data/coco
+  python -m jsds_jax.main --config configs/albef_coco.py:runlocal ...   # a smoke test
+
+The ALBEF checkpoint is a local folder (jsds_jax/models/albef.py): LAVIS's `albef_retrieval`
+weights for model_type "coco" (the `.pth` LAVIS downloads for it), with ALBEF's
+`config_bert.json` and the bert-base-uncased tokenizer files beside it; pass its path.
+
+Hyperparameters: DESIGN.md §3's table row `albef_coco` (= holi-lab/mm-sparse-retrieval
+`training_config/albef-coco.json`): lr 5e-5, w1 0.2, w2 0.5, λ1 0.9,
+λ2 0.3, η_text 1e-5, η_image 3e-5. The rest, and what the lr column means (one official
+AdamW group, so both of our groups get it with weight decay 0.05) and why `num_epochs` is
+200 · captions per image, as in configs/blip_coco.py.
+"""
+
+from jsds_jax import config_base
+
+OFFICIAL_EPOCHS = 200
+CAPTIONS_PER_IMAGE = 5  # COCO Karpathy train + restval: 566,435 captions / 113,287 images
+PATIENCE = 20           # official epochs without a better validation sparse R@1
+
+
+def get_config(arg=None):
+  """Args: arg: "" / None (the paper run) or "runlocal" (tiny batch, one epoch)."""
+  runlocal = _parse_arg(arg)
+  c = config_base.base_config()
+  c.backbone.name = "albef"
+  c.backbone.checkpoint = ""    # required: a local folder, see the docstring
+  c.backbone.max_text_len = 30  # ALBEF retrieval's text length
+  c.data.name = "karpathy"
+  c.data.include_restval = True
+  c.encode.batch_size = 256
+  c.encode.dtype = "bfloat16"
+
+  c.train.mode = "jsds"
+  c.train.batch_size = 256
+  c.train.num_epochs = OFFICIAL_EPOCHS * CAPTIONS_PER_IMAGE
+  c.train.warmup_fraction = 0.2
+  c.train.clip_norm = 1.0
+  c.train.b1, c.train.b2, c.train.eps = 0.9, 0.999, 1e-8
+  for group in (c.train.embed, c.train.head):  # one official group: see the docstring
+    group.lr = 5e-5
+    group.weight_decay = 0.05
+  c.train.loss.update(w1=0.2, w2=0.5, lam1=0.9, lam2=0.3, eta_text=1e-5, eta_image=3e-5,
+                      regularizer="l1", reg_warmup_fraction=0.2)
+  # TODO(lead): early stopping on validation sparse R@1 with patience PATIENCE official epochs
+  # (= PATIENCE · CAPTIONS_PER_IMAGE of ours) once config_base declares the field.
+  if "patience" in c.train:
+    c.train.patience = PATIENCE * CAPTIONS_PER_IMAGE
+
+  if runlocal:
+    c.train.batch_size = 32
+    c.train.num_epochs = 1
+    c.encode.batch_size = 8
+    c.encode.num_workers = 2
+  return c
+
+
+def _parse_arg(arg) -> bool:
+  if arg in (None, ""):
+    return False
+  if arg == "runlocal":
+    return True
+  raise ValueError(f"unknown config arg {arg!r}: use '' or 'runlocal'")

@@ -1,0 +1,236 @@
+"""`search`: free-text queries against the image index `eval` wrote, with the terms that matched.
+
+  jsds-search --index runs/demo/eval "a dog on a skateboard"
+  python -m jsds_jax.search --index runs/demo/eval/index --k 5 --rerank dense "a red circle"
+
+The query goes through the frozen text tower (the backbone named in the index's search files,
+with its own tokenizer, at the cache's dtype) and the trained tail, exactly as a cached caption
+did; the exact inverted index returns the top images by sparse score. `--rerank dense` rescores
+the first `--candidates` of them with the integrated score w1·e_q·e_i/τ + w2·z_q·z_i, from the
+image dense embeddings stored beside the index. Each hit lists the vocabulary terms query and
+image share, with their contributions to the sparse score.
+
+`--index` is the eval output folder or its `index/` subfolder; the index must have been built
+from the same backbone weights and vocabulary as the tail that encodes the query
+(`index.check_model`), and from `--checkpoint` when one is given to override the stored tail.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jsds_jax import eval as eval_lib
+from jsds_jax import explain
+from jsds_jax import tail_outputs
+from jsds_jax.models import jsds
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One retrieved image.
+
+  Attributes:
+    row: the image's row in the evaluated split.
+    image_id, source, caption: the image's id, file and first caption.
+    score: the ranking score (sparse, or integrated when reranked).
+    sparse_score: z_q·z_i.
+    dense_score: e_q·e_i/τ, or None when not reranked.
+    terms: shared (term, contribution) pairs, largest first.
+  """
+
+  row: int
+  image_id: str
+  source: str
+  caption: str
+  score: float
+  sparse_score: float
+  dense_score: float | None
+  terms: list[tuple[str, float]]
+
+
+def resolve_dir(path: str | os.PathLike) -> pathlib.Path:
+  """The eval output folder holding the search files, given it or its index/ subfolder."""
+  path = pathlib.Path(path).expanduser()
+  for root in (path, path.parent):
+    if (root / eval_lib.SEARCH_META).is_file() and (root / eval_lib.INDEX_DIR).is_dir():
+      return root
+  raise FileNotFoundError(f"{path} holds no search index: run `jsds-eval ... --out DIR` and "
+                          f"pass DIR (it writes {eval_lib.INDEX_DIR}/ and "
+                          f"{eval_lib.SEARCH_META} there)")
+
+
+class Searcher:
+  """Encodes queries and retrieves images from an eval output folder.
+
+  Args:
+    path: the eval output folder (or its index/ subfolder).
+    backbone: the loaded backbone; default: `load_backbone` of the stored config.
+    params: tail params to encode queries with; default: the tail stored beside the index, or
+      the one in `checkpoint`.
+    checkpoint: a checkpoint path to load the tail from (`checkpoint.load_params`); the index
+      must then have been built from it.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, backbone: Any = None, params: Any = None,
+               checkpoint: str | None = None):
+    from jsds_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+    self.root = resolve_dir(path)
+    self.meta = json.loads((self.root / eval_lib.SEARCH_META).read_text())
+    self.config = ml_collections.ConfigDict(self.meta["config"])
+    if backbone is None:
+      from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+      backbone = backbones.load_backbone(self.config.backbone)
+    self.backbone = backbone
+    expected = {}
+    if checkpoint:
+      from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+      params, _ = checkpoint_lib.load_params(checkpoint)
+      expected["checkpoint"] = str(pathlib.Path(checkpoint).expanduser().resolve())
+    if params is None:
+      params = eval_lib.load_tail_params(self.root / eval_lib.TAIL_PARAMS)
+    self.params = params
+    self.module = tail_outputs.tail_module_for(params)
+    vocab_size = tail_outputs.feature_dims(params)["vocab_size"]
+    if vocab_size != backbone.vocab_size:
+      raise ValueError(f"vocabulary size differs: the tail's sparse head has {vocab_size} terms, "
+                       f"backbone {backbone.name!r} {backbone.vocab_size}")
+    expected.update(backbone=backbone.name, weights_hash=backbone.weights_hash,
+                    vocab_size=vocab_size)
+    self.index = index_lib.load_index(self.root / eval_lib.INDEX_DIR, expected_model=expected)
+    self.image_dense = np.load(self.root / eval_lib.IMAGE_DENSE, mmap_mode="r")
+    self.vocab = explain.vocabulary(backbone)
+    self._image_sparse = None
+    self._first_caption: dict[int, str] = {}
+    for c, i in enumerate(self.meta["caption_image_index"]):
+      self._first_caption.setdefault(int(i), self.meta["captions"][c])
+    tower = backbone.text_tower
+    dtype = self.config.get("encode", {}).get("dtype", "float32")
+    if dtype != "float32":  # the cache's numerics, so a query equals the same cached caption
+      tower = tower.clone(dtype=jnp.dtype(dtype))
+    module = self.module
+    self._encode = jax.jit(lambda tv, p, ids, mask: module.apply(
+        {"params": p}, tower.apply(tv, ids, mask).pooled.astype(jnp.float32),
+        method=module.encode_text))
+
+  @property
+  def image_sparse(self):
+    """(N, V) CSR image term weights, read back from the index (float32 postings: exact)."""
+    if self._image_sparse is None:
+      self._image_sparse = self.index.dequantized().tocsr()
+    return self._image_sparse
+
+  def encode_query(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (e (P,) float32 unit-norm, z (V,) float32 >= 0) of a query.
+
+    Raises:
+      ValueError: the query is empty or only whitespace.
+    """
+    if not text or not text.strip():
+      raise ValueError("empty query: give some words to search for")
+    ids, mask = self.backbone.tokenize([text])
+    e, z = self._encode(self.backbone.text_variables, self.params, jnp.asarray(ids),
+                        jnp.asarray(mask))
+    return np.asarray(e, np.float32)[0], np.asarray(z, np.float32)[0]
+
+  def search(self, text: str, k: int = 10, rerank: str | None = None, candidates: int = 100,
+             num_terms: int = 5) -> list[Hit]:
+    """Top-k images for a text query.
+
+    Args:
+      text: the query.
+      k: how many images.
+      rerank: None (sparse scores from the index) or "dense" (rescore the first `candidates`
+        with the integrated score).
+      candidates: first-stage depth when reranking.
+      num_terms: shared terms listed per hit.
+
+    Returns:
+      Up to k hits, best first (fewer when fewer images share a term with the query).
+    """
+    if rerank not in (None, "none", "dense"):
+      raise ValueError(f"rerank must be None or 'dense', got {rerank!r}")
+    e_q, z_q = self.encode_query(text)
+    depth = max(k, candidates) if rerank == "dense" else k
+    found = self.index.search(z_q, depth)
+    keep = found.ids >= 0
+    rows, sparse = found.ids[keep], found.scores[keep].astype(np.float64)
+    dense = None
+    score = sparse
+    if rerank == "dense":
+      tau = float(self.meta["tau"])
+      dense = np.asarray(jsds.dense_scores(np.asarray(self.image_dense[rows]), e_q[None], tau),
+                         np.float64)[:, 0]
+      score = np.asarray(jsds.integrated_scores(dense, sparse, float(self.meta["w1"]),
+                                                float(self.meta["w2"])))
+      order = np.lexsort((rows, -score))
+      rows, sparse, dense, score = rows[order], sparse[order], dense[order], score[order]
+    hits = []
+    for j, row in enumerate(rows[:k]):
+      row = int(row)
+      hits.append(Hit(
+          row=row, image_id=self.meta["image_ids"][row], source=self.meta["image_sources"][row],
+          caption=self._first_caption.get(row, ""), score=float(score[j]),
+          sparse_score=float(sparse[j]), dense_score=None if dense is None else float(dense[j]),
+          terms=explain.shared_terms(z_q, self.image_sparse[row], self.vocab, num_terms)))
+    return hits
+
+
+def format_hits(text: str, query_terms: Sequence[tuple[str, float]],
+                hits: Sequence[Hit]) -> str:
+  """The text the command prints."""
+  lines = [f"query: {text}",
+           "query terms: " + ", ".join(f"{t} ({w:.2f})" for t, w in query_terms)]
+  if not hits:
+    lines.append("no image shares a term with the query")
+  for r, h in enumerate(hits):
+    parts = f"score {h.score:.4f}"
+    if h.dense_score is not None:
+      parts += f" (sparse {h.sparse_score:.4f}, dense {h.dense_score:.4f})"
+    lines += [f"{r + 1:3d}. {parts}  {h.image_id}  {h.source}",
+              f"     caption: {h.caption}",
+              "     matched: " + (", ".join(f"{t} ({w:.3f})" for t, w in h.terms) or "-")]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
+  text = " ".join(argv[1:])
+  if not text.strip():
+    raise app.UsageError("empty query: jsds-search --index DIR \"a dog on a skateboard\"")
+  try:
+    searcher = Searcher(f.index, checkpoint=f.checkpoint)
+  except (FileNotFoundError, ValueError) as e:  # no index there; one of another model
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  hits = searcher.search(text, k=f.k, rerank=None if f.rerank == "none" else f.rerank,
+                         candidates=f.candidates)
+  _, z_q = searcher.encode_query(text)
+  print(format_hits(text, explain.top_terms(z_q, searcher.vocab, 8), hits))
+
+
+def run() -> None:
+  """Console-script entry point `jsds-search`."""
+  flags.DEFINE_string("index", None, "An eval output folder (or its index/ subfolder).")
+  flags.DEFINE_integer("k", 10, "How many images to show.")
+  flags.DEFINE_enum("rerank", "none", ["none", "dense"],
+                    "dense: rescore the first --candidates with the integrated score.")
+  flags.DEFINE_integer("candidates", 100, "First-stage depth when reranking.")
+  flags.DEFINE_string("checkpoint", None, "Encode queries with this checkpoint's tail instead "
+                      "of the one stored beside the index (the index must come from it).")
+  flags.mark_flag_as_required("index")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

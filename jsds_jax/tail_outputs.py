@@ -1,0 +1,109 @@
+"""The trained tail applied to a whole split's cached features, in batches.
+
+`eval`, `search` and `explain` all need the same thing: every image's and caption's dense
+embedding e and sparse vector z for one split, computed from the feature cache with the tail's
+params. The sparse vectors come back as scipy CSR matrices, since a (25 000, 30 524) float32 block
+of mostly zeros is 3 GB dense but a few MB sparse once the head is trained.
+"""
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+from jsds_jax.models import jsds
+
+
+@dataclasses.dataclass(frozen=True)
+class TailOutputs:
+  """Dense embeddings and sparse vectors of one split.
+
+  Attributes:
+    e_i: (N_images, P) float32 unit-norm image embeddings.
+    z_i: (N_images, V) float32 CSR image term weights (>= 0).
+    e_t: (N_captions, P) float32 caption embeddings.
+    z_t: (N_captions, V) float32 CSR caption term weights.
+    tau: the clamped temperature τ.
+  """
+
+  e_i: np.ndarray
+  z_i: sp.csr_matrix
+  e_t: np.ndarray
+  z_t: sp.csr_matrix
+  tau: float
+
+
+def tail_module_for(params: Mapping[str, Any]) -> jsds.JSDSTail:
+  """The `JSDSTail` whose params have the shapes of `params` (the checkpoint fixes them).
+
+  Args:
+    params: {"image_tail", "text_tail", "sparse_head", "tau"} as `init_jsds_tail` returns.
+  """
+  head = params["sparse_head"]
+  vocab_size, word_dim = np.shape(head["word_embeddings"])
+  embed_dim = np.shape(params["image_tail"]["proj"]["kernel"])[1]
+  return jsds.JSDSTail(embed_dim=int(embed_dim), vocab_size=int(vocab_size),
+                       word_dim=int(word_dim), use_bias="bias" in params["image_tail"]["proj"],
+                       use_vocab_bias="vocab_bias" in head)
+
+
+def feature_dims(params: Mapping[str, Any]) -> dict[str, int]:
+  """{"image_dim", "text_dim", "embed_dim", "vocab_size"}: the widths `params` expect."""
+  return {"image_dim": int(np.shape(params["image_tail"]["proj"]["kernel"])[0]),
+          "text_dim": int(np.shape(params["text_tail"]["proj"]["kernel"])[0]),
+          "embed_dim": int(np.shape(params["image_tail"]["proj"]["kernel"])[1]),
+          "vocab_size": int(np.shape(params["sparse_head"]["word_embeddings"])[0])}
+
+
+def _to_csr(z: np.ndarray) -> sp.csr_matrix:
+  return sp.csr_matrix(np.asarray(z, np.float32))
+
+
+def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, kind: str,
+                    batch_size: int = 1024) -> tuple[np.ndarray, sp.csr_matrix]:
+  """Applies one modality's tail and the sparse head to (N, D) features, batch by batch.
+
+  Args:
+    module: the tail (`tail_module_for(params)`).
+    params: its params.
+    h: (N, D) cached pre-projection features (a memmap is fine: one batch is read at a time).
+    kind: "image" or "text".
+    batch_size: rows per device call; the last batch is padded so one program serves all.
+
+  Returns:
+    (e (N, P) float32, z (N, V) float32 CSR).
+  """
+  method = {"image": module.encode_image, "text": module.encode_text}[kind]
+  fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method=method))
+  n = h.shape[0]
+  batch_size = max(1, min(batch_size, n))
+  es, zs = [], []
+  for start in range(0, n, batch_size):
+    x = np.asarray(h[start:start + batch_size], np.float32)
+    count = x.shape[0]
+    if count < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - count,) + x.shape[1:], x.dtype)])
+    e, z = fn(params, jnp.asarray(x))
+    es.append(np.asarray(e, np.float32)[:count])
+    zs.append(_to_csr(np.asarray(z)[:count]))
+  return np.concatenate(es), sp.vstack(zs, format="csr")
+
+
+def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
+               batch_size: int = 1024) -> TailOutputs:
+  """Every image's and caption's (e, z) for one split's feature cache.
+
+  Args:
+    params: `JSDSTail` params.
+    cache: `feature_cache.load_split(...)` of the split.
+    batch_size: rows per device call.
+  """
+  module = tail_module_for(params)
+  e_i, z_i = encode_features(module, params, cache["image_pooled"], "image", batch_size)
+  e_t, z_t = encode_features(module, params, cache["text_pooled"], "text", batch_size)
+  tau = float(jsds.clamp_tau(jnp.asarray(params["tau"]), module.tau_min, module.tau_max))
+  return TailOutputs(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=tau)

@@ -1,0 +1,120 @@
+"""The experiment configs: each loads, is locked on the command line, and carries the paper's
+hyperparameters (DESIGN.md §3's table). Nothing is downloaded: configs only name checkpoints."""
+
+import importlib.util
+import pathlib
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+from jsds_jax import config_base
+from jsds_jax import optim
+
+_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+PAPER = ("blip_coco", "blip_flickr", "albef_coco", "albef_flickr")
+ALL = PAPER + ("clip_coco", "demo", "tiny")
+
+# DESIGN.md §3: | config | lr | w1 | w2 | λ1 | λ2 | η text | η image |
+TABLE = {
+    "blip_coco": (5e-5, 0.1, 0.1, 0.9, 0.3, 5e-4, 3e-5),
+    "blip_flickr": (1e-5, 0.1, 0.2, 0.7, 0.7, 1e-4, 2e-5),
+    "albef_coco": (5e-5, 0.2, 0.5, 0.9, 0.3, 1e-5, 3e-5),
+    "albef_flickr": (1e-5, 0.1, 0.2, 0.3, 0.3, 1e-4, 2e-5),
+}
+
+
+def _load(name: str, arg=None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", _CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _parse(argv: list[str]) -> ml_collections.ConfigDict:
+  """The config as the binaries see it (`DEFINE_config_file(..., lock_config=True)`)."""
+  argv = ["prog"] + argv
+  fv = flags.FlagValues()
+  # sys_argv: the overrides are read from it, not from the list the flags are parsed from.
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _leaf_paths(c: ml_collections.ConfigDict, prefix=""):
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _leaf_paths(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loads_with_the_base_fields_only(name):
+  c = _load(name)
+  # A config may change values, never add fields the binaries do not declare.
+  assert set(_leaf_paths(c)) == set(_leaf_paths(config_base.base_config())), name
+  assert c.train.batch_size % 8 == 0
+
+
+@pytest.mark.parametrize("name", ("blip_coco", "albef_flickr", "clip_coco"))
+def test_command_line_overrides_and_typos(name):
+  path = str(_CONFIGS / f"{name}.py")
+  c = _parse([f"--config={path}", "--config.data.json=/x/dataset.json",
+              "--config.train.loss.w1=0.25"])
+  assert c.data.json == "/x/dataset.json" and c.train.loss.w1 == 0.25
+  with pytest.raises(Exception, match="lr_typo"):
+    _parse([f"--config={path}", "--config.train.head.lr_typo=1e-3"])
+  with pytest.raises(AttributeError):
+    c.train.new_field = 1  # locked
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_hyperparameters(name):
+  c = _load(name)
+  lr, w1, w2, lam1, lam2, eta_t, eta_i = TABLE[name]
+  loss = c.train.loss
+  assert (loss.w1, loss.w2, loss.lam1, loss.lam2) == (w1, w2, lam1, lam2)
+  assert (loss.eta_text, loss.eta_image) == (eta_t, eta_i)
+  assert loss.regularizer == "l1" and loss.reg_warmup_fraction == 0.2
+  assert not loss.reference_quirks
+  # The official JSDS runs train every tail param and τ in ONE AdamW group at the table's lr
+  # with weight decay 0.05 (see configs/blip_coco.py).
+  for group in (c.train.embed, c.train.head):
+    assert (group.lr, group.weight_decay) == (lr, 0.05)
+  assert c.train.mode == "jsds" and c.train.freeze == ()
+  assert c.train.batch_size == 256
+  assert (c.train.b1, c.train.b2, c.train.eps) == (0.9, 0.999, 1e-8)
+  assert c.train.warmup_fraction == 0.2 and c.train.clip_norm == 1.0
+  assert c.train.num_epochs == 200 * 5  # 200 official (every-caption) epochs
+  assert c.data.name == "karpathy"
+  if name.endswith("coco"):
+    assert c.data.include_restval  # the paper's 113,287 training images
+  family = name.split("_")[0]
+  assert c.backbone.name == family
+  if family == "blip":
+    assert c.backbone.checkpoint == f"Salesforce/blip-itm-base-{name.split('_')[1]}"
+  else:
+    assert c.backbone.checkpoint == ""  # a local LAVIS folder, given on the command line
+  if "patience" in c.train:
+    assert c.train.patience == 20 * 5
+
+
+def test_clip_coco():
+  c = _load("clip_coco")
+  assert (c.backbone.name, c.backbone.checkpoint) == ("clip", "openai/clip-vit-base-patch16")
+  assert c.train.embed.lr == c.train.head.lr == TABLE["blip_coco"][0]
+
+
+@pytest.mark.parametrize("name", PAPER + ("clip_coco",))
+def test_runlocal_is_small_and_the_optimizer_builds(name):
+  c = _load(name, "runlocal")
+  assert c.train.batch_size <= 32 and c.train.num_epochs == 1
+  scheds = optim.schedules(c.train, total_steps=10)
+  assert {g: float(s(2)) for g, s in scheds.items()} == {
+      g: pytest.approx(c.train[g].lr) for g in optim.GROUPS}  # peak at step 2 = 20% of 10
+  optim.make_optimizer(c.train, total_steps=10)
+  with pytest.raises(ValueError, match="runlocal"):
+    _load(name, "run_local")

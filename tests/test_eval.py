@@ -1,0 +1,261 @@
+"""The eval library on the tiny backbone and generated data: report.json against a direct
+recomputation, the pruning curve, the files, the index it leaves for search, mismatch errors."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jsds_jax import encode
+from jsds_jax import eval as eval_lib
+from jsds_jax import index as index_lib
+from jsds_jax import metrics
+from jsds_jax import tail_outputs
+from jsds_jax.data import feature_cache
+from jsds_jax.models import backbones
+from jsds_jax.models import jsds
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, tmp_path_factory=None):
+  """configs/tiny.py with data and caches under tmp_path; 100 images -> a 10-image test split.
+
+  Given `tmp_path_factory`, data and caches go to one folder of the session instead, so the
+  eval, search and explain tests encode the split once between them.
+  """
+  if tmp_path_factory is not None:
+    tmp_path = tmp_path_factory.getbasetemp() / "tiny_eval_shared"
+  spec = importlib.util.spec_from_file_location("tiny_cfg", _ROOT / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.cache_dir = str(tmp_path / "data")
+  config.encode.cache_root = str(tmp_path / "features")
+  config.data.num_images = 100
+  config.train.loss.w1, config.train.loss.w2 = 0.3, 0.7
+  return config
+
+
+def tiny_params(backbone, vocab_shift=3.0):
+  """An untrained tail; the vocab bias is lowered so vectors have ~tens of terms, not ~15k."""
+  module = jsds.JSDSTail(embed_dim=16, vocab_size=backbone.vocab_size, word_dim=32)
+  params = jsds.init_jsds_tail(jax.random.key(0), module, 32, 32, backbone.image_proj,
+                               backbone.text_proj, backbone.word_embeddings)
+  head = dict(params["sparse_head"], vocab_bias=params["sparse_head"]["vocab_bias"] - vocab_shift)
+  return dict(params, sparse_head=head, tau=np.float32(0.05))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("eval")
+  config = tiny_config(tmp, tmp_path_factory)
+  backbone = backbones.load_backbone(config.backbone)
+  split_dir = eval_lib.find_or_build_cache(config, "test", backbone)
+  params = tiny_params(backbone)
+  # batch_size 3 does not divide 10 images / 20 captions: the padded last batch is exercised.
+  report = eval_lib.evaluate(config, params, split_dir, tmp / "out", backbone=backbone,
+                             checkpoint="ckpt/step_7", batch_size=3)
+  return dict(config=config, backbone=backbone, split_dir=split_dir, params=params,
+              report=report, out=tmp / "out", tmp=tmp)
+
+
+def _direct(params, cache):
+  """e and dense z of every item, one unbatched apply (independent of tail_outputs)."""
+  module = tail_outputs.tail_module_for(params)
+  out = module.apply({"params": params}, np.asarray(cache["image_pooled"]),
+                     np.asarray(cache["text_pooled"]))
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_report_json_shape_and_metrics_equal_recomputation(setup):
+  on_disk = json.loads((setup["out"] / "report.json").read_text())
+  for direction in ("t2i", "i2t"):
+    assert {"dense", "sparse", "integrated"} <= set(on_disk[direction])
+    for kind in ("dense", "sparse", "integrated"):
+      assert {"R@1", "R@5", "R@10", "MRR@10"} <= set(on_disk[direction][kind])
+  assert set(on_disk["sparsity"]) == {"caption_nnz", "image_nnz", "flops"}
+
+  cache = feature_cache.load_split(setup["split_dir"])
+  d = _direct(setup["params"], cache)
+  tau = float(d["tau"])
+  assert tau == pytest.approx(0.05)
+  dense = d["e_t"] @ d["e_i"].T / tau
+  sparse = d["z_t"] @ d["z_i"].T
+  want = {"dense": dense, "sparse": sparse, "integrated": 0.3 * dense + 0.7 * sparse}
+  cap_index = np.asarray(cache["caption_image_index"])
+  for kind, scores in want.items():
+    m = metrics.retrieval_metrics(scores, cap_index)
+    for direction in ("t2i", "i2t"):
+      for key, value in m[direction].items():
+        assert on_disk[direction][kind][key] == pytest.approx(value, abs=1e-9), (kind, key)
+  assert 5 < on_disk["sparsity"]["caption_nnz"] < 500, "the fixture wants genuinely sparse z"
+  assert on_disk["sparsity"]["caption_nnz"] == pytest.approx(metrics.mean_nnz(d["z_t"]))
+  assert on_disk["sparsity"]["image_nnz"] == pytest.approx(metrics.mean_nnz(d["z_i"]))
+  assert on_disk["sparsity"]["flops"] == pytest.approx(metrics.sparse_flops(d["z_t"], d["z_i"]))
+
+
+def test_zero_shot_reference_is_the_backbone_projection(setup):
+  cache = feature_cache.load_split(setup["split_dir"])
+  bb = setup["backbone"]
+
+  def proj(h, p):
+    x = np.asarray(h) @ p["kernel"] + p["bias"]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+  zs = proj(cache["text_pooled"], bb.text_proj) @ proj(cache["image_pooled"], bb.image_proj).T
+  m = metrics.retrieval_metrics(zs, np.asarray(cache["caption_image_index"]))
+  assert setup["report"]["t2i"]["zero_shot"] == pytest.approx(m["t2i"])
+  assert setup["report"]["i2t"]["zero_shot"] == pytest.approx(m["i2t"])
+  # A backbone without projections (lit) gets no reference line.
+  assert eval_lib.zero_shot_scores({"word_embeddings": np.zeros((3, 2))}, cache) is None
+
+
+def test_pruning_curve_is_monotone_in_flops(setup):
+  curve = setup["report"]["pruning"]
+  assert [r["k"] for r in curve] == list(eval_lib.PRUNE_KS)
+  flops = [r["flops"] for r in curve]
+  assert all(a <= b + 1e-12 for a, b in zip(flops, flops[1:])), flops
+  assert flops[0] < flops[-1]
+  for r in curve[:-1]:
+    assert r["caption_nnz"] <= r["k"] and r["image_nnz"] <= r["k"]
+  full = curve[-1]
+  assert full["flops"] == pytest.approx(setup["report"]["sparsity"]["flops"])
+  assert full["sparse_R@1"] == pytest.approx(setup["report"]["t2i"]["sparse"]["R@1"])
+  assert full["integrated_R@1"] == pytest.approx(setup["report"]["t2i"]["integrated"]["R@1"])
+
+
+def test_prune_topk_keeps_the_largest_weights():
+  import scipy.sparse as sp  # pylint: disable=g-import-not-at-top
+  z = sp.csr_matrix(np.array([[0.0, 3.0, 1.0, 2.0, 2.0], [5.0, 0.0, 0.0, 0.0, 0.0]], np.float32))
+  pruned = eval_lib.prune_topk(z, 2).toarray()
+  np.testing.assert_array_equal(pruned, [[0, 3, 0, 2, 0], [5, 0, 0, 0, 0]])  # tie: smaller id
+
+
+def test_files_are_written_whole(setup):
+  out = setup["out"]
+  for name in ("report.json", "report.md", "pruning.png", "report.html", "search.json",
+               "image_dense.npy", "tail.safetensors"):
+    assert (out / name).is_file(), name
+  assert (out / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  md = (out / "report.md").read_text()
+  assert "| integrated |" in md and "| all |" in md
+  assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+  # The stored tail is the evaluated one.
+  back = eval_lib.load_tail_params(out / "tail.safetensors")
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(setup["params"])):
+    assert np.shape(a) == np.shape(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+
+
+def test_index_holds_the_image_vectors_and_the_model(setup):
+  bb = setup["backbone"]
+  index = index_lib.load_index(setup["out"] / "index")
+  assert index.model == {"backbone": "tiny", "weights_hash": bb.weights_hash,
+                         "vocab_size": bb.vocab_size, "checkpoint": "ckpt/step_7"}
+  d = _direct(setup["params"], feature_cache.load_split(setup["split_dir"]))
+  np.testing.assert_allclose(index.dequantized().toarray(), d["z_i"], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="backbone"):
+    index_lib.check_model(index, {"backbone": "lit"})
+
+
+def test_mismatch_errors_name_what_differs(setup):
+  cache_meta = feature_cache.load_split(setup["split_dir"])["meta"]
+  params = setup["params"]
+  with pytest.raises(eval_lib.EvalError, match="backbone is 'lit'"):
+    eval_lib.check_compatible(params, cache_meta, {"backbone": "lit"})
+  with pytest.raises(eval_lib.EvalError, match="weights_hash"):
+    eval_lib.check_compatible(params, cache_meta, {"backbone": "tiny", "weights_hash": "abc"})
+  with pytest.raises(eval_lib.EvalError, match="vocabulary size"):
+    eval_lib.check_compatible(params, cache_meta, {"vocab_size": 30524})
+  with pytest.raises(eval_lib.EvalError, match="vocabulary size"):
+    eval_lib.check_compatible(params, cache_meta, vocab_size=30524)
+  wide = dict(params, image_tail={"proj": {"kernel": np.zeros((48, 16), np.float32),
+                                           "bias": np.zeros(16, np.float32)}})
+  with pytest.raises(eval_lib.EvalError, match="image feature dims differ.*48.*32"):
+    eval_lib.check_compatible(wide, cache_meta)
+  with pytest.raises(eval_lib.EvalError, match="image feature dims"):
+    eval_lib.evaluate(setup["config"], wide, setup["split_dir"], setup["tmp"] / "never",
+                      backbone=setup["backbone"])
+  assert not (setup["tmp"] / "never").exists()
+
+
+def test_missing_split_and_missing_cache(setup, tmp_path):
+  with pytest.raises(eval_lib.EvalError, match="'nope'"):
+    eval_lib.find_or_build_cache(setup["config"], "nope", setup["backbone"])
+  with pytest.raises(feature_cache.CacheError, match="no finished feature cache"):
+    eval_lib.evaluate(setup["config"], setup["params"], tmp_path / "none", tmp_path / "out",
+                      backbone=setup["backbone"])
+
+
+def test_missing_cache_is_encoded_with_the_encode_key(setup, tmp_path):
+  config = tiny_config(tmp_path)  # an empty cache root
+  split_dir = eval_lib.find_or_build_cache(config, "test", setup["backbone"])
+  assert split_dir == encode.cache_dir_for(config, setup["backbone"], "test")
+  assert feature_cache.is_complete(split_dir)
+  assert feature_cache.load_split(split_dir)["meta"]["split"] == "test"
+  config = setup["config"]
+  assert setup["split_dir"] == encode.cache_dir_for(config, setup["backbone"], "test")
+  assert feature_cache.is_complete(setup["split_dir"])
+  assert feature_cache.load_split(setup["split_dir"])["meta"]["split"] == "test"
+
+
+@pytest.fixture(scope="module")
+def trained_run(setup, tmp_path_factory):
+  """A one-epoch tiny training run on the shared caches: a real checkpoint to evaluate."""
+  from jsds_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(None, tmp_path_factory)
+  config.train.num_epochs = 1
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_end_to_end(trained_run, tmp_path):
+  from jsds_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_run
+  report = eval_lib.evaluate_checkpoint(config, workdir, tmp_path / "out")
+  step_dir = checkpoint.resolve_step_dir(workdir).resolve()
+  assert report["checkpoint"] == str(step_dir) and report["mode"] == "jsds"
+  params, _ = checkpoint.load_params(workdir)
+  cache = feature_cache.load_split(report["split"]["cache"])
+  d = _direct(params, cache)
+  m = metrics.retrieval_metrics(d["z_t"] @ d["z_i"].T, np.asarray(cache["caption_image_index"]))
+  assert report["t2i"]["sparse"] == pytest.approx(m["t2i"])
+  index = index_lib.load_index(tmp_path / "out" / "index")
+  assert index.model["checkpoint"] == str(step_dir)
+  # The same checkpoint against another backbone's weights (tiny seed 1) is refused early.
+  other = tiny_config(tmp_path)  # a fresh, empty cache root
+  other.backbone.seed = 1
+  with pytest.raises(eval_lib.EvalError, match="weights_hash"):
+    eval_lib.evaluate_checkpoint(other, workdir, tmp_path / "other")
+  assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_eval_and_search_binaries(trained_run, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_run
+  env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  overrides = [f"--config.data.cache_dir={config.data.cache_dir}",
+               f"--config.encode.cache_root={config.encode.cache_root}",
+               "--config.data.num_images=100"]
+  done = subprocess.run(
+      [sys.executable, "-m", "jsds_jax.eval", f"--config={_ROOT / 'configs' / 'tiny.py'}",
+       f"--checkpoint={workdir}", f"--out={tmp_path / 'out'}", "--split=test", "--nohtml"]
+      + overrides, env=env, cwd=_ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "| sparse |" in done.stdout
+  report = json.loads((tmp_path / "out" / "report.json").read_text())
+  assert set(report["sparsity"]) == {"caption_nnz", "image_nnz", "flops"}
+  assert not (tmp_path / "out" / "report.html").exists()
+  done = subprocess.run(
+      [sys.executable, "-m", "jsds_jax.search", f"--index={tmp_path / 'out'}", "--k=3",
+       "--rerank=dense", "a red circle"], env=env, cwd=_ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "query: a red circle" in done.stdout and "  1. score" in done.stdout
