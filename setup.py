@@ -25,6 +25,7 @@ setuptools.setup(
         "absl-py",
         "numba",  # the exact inverted index's kernels
         "matplotlib",  # eval's pruning plot (Agg backend, no display needed)
+        "tensorboardX",  # train's TensorBoard event files, without TensorFlow
     ],
     extras_require={
         # The tfds path needs TensorFlow to construct any builder; nothing else imports it.
@@ -45,6 +46,7 @@ setuptools.setup(
         "console_scripts": [
             "jsds-encode=jsds_jax.encode:run",
             "jsds-run=jsds_jax.main:run",
+            "jsds-train=jsds_jax.train:run",
             "jsds-eval=jsds_jax.eval:run",
             "jsds-search=jsds_jax.search:run",
         ],

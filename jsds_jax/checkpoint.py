@@ -221,6 +221,16 @@ class Checkpointer:
                        METADATA: ocp.args.JsonSave(dict(metadata)),
                        PROGRESS: ocp.args.JsonSave(progress.to_dict())}))
 
+  def best_progress(self) -> tuple[int | None, Progress | None]:
+    """(step, Progress) of the best checkpoint (its `last_val` holds its validation metrics),
+    or (None, None) before the first validation."""
+    steps = self.best.all_steps()
+    if not steps:
+      return None, None
+    progress = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        self.step_dir(steps[-1], best=True) / PROGRESS)
+    return steps[-1], Progress.from_dict(progress)
+
   def restore_latest(self, state, metadata: Mapping[str, Any] | None = None,
                      ) -> tuple[Any, Progress] | None:
     """The newest readable checkpoint, restored onto `state`'s structure and shardings.

@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The loop (jsds_jax/train.py) and its checkpoints (jsds_jax/checkpoint.py).
   c.train.features = ""           # a dataset's cache folder (<root>/<backbone>-<key>/<dataset>)
                                   # to train from as it is; "" = encode this config's (or reuse)
+  c.train.init_from = ""          # start from another run's params (a workdir or step dir;
+                                  # e.g. d2s from a dense_only run); a resumed run ignores it
   c.train.val_split = "val"       # validated on, for the best checkpoint and early stopping
   c.train.log_every = 50          # steps between train-metric records (JSONL + TensorBoard)
   c.train.eval_every_epochs = 1   # validate every this many epochs (and after the last step)

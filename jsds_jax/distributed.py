@@ -152,6 +152,10 @@ def maybe_initialize(env=None) -> Plan:
     jax.distributed.initialize(**kwargs)
   logging.info("process %d of %d joined the distributed runtime (%s)", jax.process_index(),
                jax.process_count(), plan.how)
+  if not is_main_process():
+    # One voice per run: INFO logs (and the binaries' progress bars, which check
+    # `is_main_process`) come from process 0; warnings and errors still come from everyone.
+    logging.set_verbosity(logging.WARNING)
   return plan
 
 

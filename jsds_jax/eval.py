@@ -110,6 +110,36 @@ def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
 # Scores and metrics.
 
 
+def sparse_score_matrix(z_t: sp.csr_matrix, z_i: sp.csr_matrix,
+                        block: int = 1024) -> np.ndarray:
+  """S_s = z_t z_iᵀ of every caption against every image.
+
+  A trained head's vectors hold tens to hundreds of terms, where the sparse product costs a
+  few multiply-adds per pair. An untrained or weakly regularised head's hold thousands, where
+  that product is minutes on COCO and a dense matmul on the device is seconds; the dense path
+  is taken when the expected shared terms per pair exceed V/256 (about where they break even
+  on a CPU).
+
+  Args:
+    z_t: (N_captions, V) CSR. z_i: (N_images, V) CSR.
+    block: captions densified at a time on the dense path.
+
+  Returns:
+    (N_captions, N_images) float32.
+  """
+  v = z_t.shape[1]
+  share_t = np.bincount(z_t.indices, minlength=v) / max(1, z_t.shape[0])
+  share_i = np.bincount(z_i.indices, minlength=v) / max(1, z_i.shape[0])
+  if float(share_t @ share_i) * 256 < v:
+    return np.asarray((z_t @ z_i.T).toarray(), np.float32)
+  dense_i = jax.device_put(z_i.toarray())
+  out = np.empty((z_t.shape[0], z_i.shape[0]), np.float32)
+  for start in range(0, z_t.shape[0], block):
+    rows = z_t[start:start + block].toarray()
+    out[start:start + len(rows)] = np.asarray(jsds.sparse_scores(dense_i, rows)).T
+  return out
+
+
 def score_matrices(out: tail_outputs.TailOutputs, w1: float, w2: float) -> dict[str, np.ndarray]:
   """Dense, sparse and integrated scores of every caption against every image.
 
@@ -121,7 +151,7 @@ def score_matrices(out: tail_outputs.TailOutputs, w1: float, w2: float) -> dict[
     {"dense", "sparse", "integrated"}: (num_captions, num_images) float32; dense = e·e/τ.
   """
   dense = np.asarray(jsds.dense_scores(out.e_i, out.e_t, out.tau)).T
-  sparse = np.asarray((out.z_t @ out.z_i.T).toarray(), np.float32)
+  sparse = sparse_score_matrix(out.z_t, out.z_i)
   integrated = np.asarray(jsds.integrated_scores(dense, sparse, w1, w2), np.float32)
   return {"dense": dense, "sparse": sparse, "integrated": integrated}
 
@@ -161,7 +191,8 @@ def sparsity(z_t: sp.csr_matrix, z_i: sp.csr_matrix, block: int = _FLOPS_BLOCK) 
 
   `metrics.sparse_flops` and `metrics.mean_nnz` take dense arrays; both are means over rows
   (FLOPs a bilinear one), so they are evaluated block by block and the blocks averaged with
-  their sizes as weights, which bounds memory at one block of each side.
+  their sizes as weights: memory holds one dense block of captions and the images as booleans
+  (COCO 5k: 150 MB) instead of every vector dense (3 GB for its 25k captions).
 
   Args:
     z_t: (N_captions, V) CSR. z_i: (N_images, V) CSR.
@@ -186,8 +217,11 @@ def sparsity(z_t: sp.csr_matrix, z_i: sp.csr_matrix, block: int = _FLOPS_BLOCK) 
 
 def prune_topk(z: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
   """Each row keeps its k largest weights (ties: the smaller term id, as the index prunes)."""
+  if k is None:
+    return z
   z = sp.csr_matrix(z)
-  z.sort_indices()
+  if not z.has_sorted_indices:
+    z = z.sorted_indices()  # a copy: the caller's matrix is left alone
   rows = index_inputs.CsrRows(z.indptr.astype(np.int64), z.indices.astype(np.int32),
                               z.data.astype(np.float32), z.shape[1])
   rows = pruning.prune_rows(rows, k)
@@ -196,7 +230,8 @@ def prune_topk(z: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
 
 def pruning_curve(out: tail_outputs.TailOutputs, dense: np.ndarray,
                   caption_image_index: np.ndarray, w1: float, w2: float,
-                  ks: Sequence[int | None] = PRUNE_KS) -> list[dict]:
+                  ks: Sequence[int | None] = PRUNE_KS,
+                  sparse: np.ndarray | None = None) -> list[dict]:
   """t2i R@1 of sparse and integrated retrieval as vectors keep only their top-k terms.
 
   Args:
@@ -205,6 +240,7 @@ def pruning_curve(out: tail_outputs.TailOutputs, dense: np.ndarray,
     caption_image_index: (num_captions,).
     w1, w2: the integrated score's weights.
     ks: terms kept per vector (captions and images alike); None keeps all.
+    sparse: the unpruned sparse scores, if already computed (reused for k = None).
 
   Returns:
     One dict per k: {"k", "caption_nnz", "image_nnz", "flops", "sparse_R@1",
@@ -213,14 +249,17 @@ def pruning_curve(out: tail_outputs.TailOutputs, dense: np.ndarray,
   def r1(scores):
     return metrics.recall_at(metrics.t2i_ranks(scores, caption_image_index), (1,))["R@1"]
 
-  rows = []
-  for k in ks:
-    z_t, z_i = prune_topk(out.z_t, k), prune_topk(out.z_i, k)
-    s = np.asarray((z_t @ z_i.T).toarray(), np.float32)
+  # Largest k first, each pruned from the one before: the top-k of the top-k' (k < k') is the
+  # top-k (same tie rule), and the big vectors are then pruned only once.
+  order = sorted(ks, key=lambda k: float("inf") if k is None else k, reverse=True)
+  z_t, z_i = out.z_t, out.z_i
+  rows = {}
+  for k in order:
+    z_t, z_i = prune_topk(z_t, k), prune_topk(z_i, k)
+    s = sparse if k is None and sparse is not None else sparse_score_matrix(z_t, z_i)
     integ = np.asarray(jsds.integrated_scores(dense, s, w1, w2), np.float32)
-    rows.append({"k": k, **sparsity(z_t, z_i), "sparse_R@1": r1(s),
-                 "integrated_R@1": r1(integ)})
-  return rows
+    rows[k] = {"k": k, **sparsity(z_t, z_i), "sparse_R@1": r1(s), "integrated_R@1": r1(integ)}
+  return [rows[k] for k in ks]
 
 
 def _tail_init_for(split_dir: pathlib.Path) -> dict[str, np.ndarray] | None:
@@ -436,6 +475,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if None not in trained_w and tuple(map(float, trained_w)) != (w1, w2):
     notes.append(f"integrated scores use this config's w1={w1}, w2={w2}; the checkpoint was "
                  f"trained with w1={trained_w[0]}, w2={trained_w[1]}")
+  if _meta_get(meta, "mode") == "dense_only":
+    notes.append("a dense_only checkpoint: its sparse head was never trained, so the sparse and "
+                 "integrated lines only show where it starts")
   tail_init = _tail_init_for(split_dir)
   zs = zero_shot_scores(tail_init, cache) if tail_init is not None else None
   if zs is not None:
@@ -448,7 +490,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       "t2i": {kind: m["t2i"] for kind, m in per_kind.items()},
       "i2t": {kind: m["i2t"] for kind, m in per_kind.items()},
       "sparsity": sparsity(out.z_t, out.z_i),
-      "pruning": pruning_curve(out, scores["dense"], cap_index, w1, w2),
+      "pruning": pruning_curve(out, scores["dense"], cap_index, w1, w2,
+                               sparse=scores["sparse"]),
       "w1": w1, "w2": w2, "tau": out.tau,
       "split": {"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
                 "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),

@@ -138,7 +138,7 @@ class Hit:
     correct: whether it is the query's own image.
     thumbnail: a data URI (`thumbnail_data_uri`) or None for a placeholder.
     caption: one of the image's captions (context for the reader).
-    terms: (term, contribution) pairs behind the match; empty for dense hits.
+    terms: (term, contribution) pairs query and image share (`shared_terms`).
   """
 
   image_id: str
@@ -213,7 +213,7 @@ def render_html_report(examples: Sequence[Example], title: str = "JSDS retrieval
   notes_html = "".join(f"<p>{e(n)}</p>" for n in notes)
   return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>"
           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>{notes_html}"
-          "<p>Green outline: the query's own image. Terms under a sparse hit: the vocabulary "
-          "terms query and image share, with their contribution q<sub>v</sub>&middot;"
-          "d<sub>v</sub> to the score.</p>"
+          "<p>Green outline: the query's own image. Terms under a hit: the vocabulary terms "
+          "query and image share, with their contribution q<sub>v</sub>&middot;d<sub>v</sub> "
+          "to the sparse score.</p>"
           f"<table><tr><th>query</th>{head}</tr>{''.join(rows)}</table></body></html>\n")

@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from jsds_jax import checkpoint
+from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import train
 from jsds_jax.data import feature_cache
@@ -78,6 +79,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
   train.quiet_library_logs()
   try:
     run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)

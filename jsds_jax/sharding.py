@@ -49,3 +49,32 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def local_replica(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """A replicated pytree of global arrays as arrays replicated over this process's devices.
+
+  For work each process does on its own (validation on a small split, host-side reports): the
+  local devices' copies are reused as they are, nothing is copied or communicated. A tree that
+  already lives on `mesh` is returned unchanged, so single-process callers pay nothing.
+
+  Args:
+    tree: arrays replicated over a mesh that includes every device of `mesh`.
+    mesh: the target mesh of local devices (default: `local_data_mesh()`).
+
+  Returns:
+    The tree with every leaf replicated over `mesh`.
+  """
+  mesh = mesh or local_data_mesh()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def local(x):
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    if not x.sharding.is_fully_replicated:
+      raise ValueError(f"local_replica needs replicated arrays, got sharding {x.sharding}")
+    shards = {s.device: s.data for s in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [shards[d] for d in mesh.devices.flat])
+
+  return jax.tree.map(local, tree)

@@ -8,6 +8,7 @@ of mostly zeros is 3 GB dense but a few MB sparse once the head is trained.
 
 from collections.abc import Mapping
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -59,6 +60,14 @@ def feature_dims(params: Mapping[str, Any]) -> dict[str, int]:
           "vocab_size": int(np.shape(params["sparse_head"]["word_embeddings"])[0])}
 
 
+@functools.lru_cache(maxsize=16)
+def _encoder(module: jsds.JSDSTail, kind: str):
+  """The jitted (params, h) -> (e, z) of one modality; cached so that repeated evaluations in
+  one process (validation during training, tests) compile once per tail shape."""
+  method = {"image": jsds.JSDSTail.encode_image, "text": jsds.JSDSTail.encode_text}[kind]
+  return jax.jit(lambda p, x: module.apply({"params": p}, x, method=method))
+
+
 def _to_csr(z: np.ndarray) -> sp.csr_matrix:
   return sp.csr_matrix(np.asarray(z, np.float32))
 
@@ -77,8 +86,7 @@ def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, ki
   Returns:
     (e (N, P) float32, z (N, V) float32 CSR).
   """
-  method = {"image": module.encode_image, "text": module.encode_text}[kind]
-  fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method=method))
+  fn = _encoder(module, kind)
   n = h.shape[0]
   batch_size = max(1, min(batch_size, n))
   es, zs = [], []

@@ -46,6 +46,7 @@ import numpy as np
 import tqdm
 
 from jsds_jax import checkpoint
+from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import input_pipeline
 from jsds_jax import metrics as metrics_lib
@@ -365,20 +366,24 @@ def _check_finite(history: Sequence[tuple[int, Mapping[str, np.ndarray]]]) -> No
 
 @dataclasses.dataclass
 class _Window:
-  """Train metrics of the steps since the last flush, still on the devices."""
+  """Train metrics of the steps since the last log record (fetched from the devices lazily)."""
 
   items: list = dataclasses.field(default_factory=list)
   start_time: float = dataclasses.field(default_factory=time.time)
 
-  def flush(self) -> tuple[dict[str, float] | None, float]:
-    """Fetches, checks for non-finite values, and returns (means, steps per second)."""
-    if not self.items:
-      return None, 0.0
-    history = [(s, jax.device_get(m)) for s, m in self.items]
-    _check_finite(history)
-    means = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
-    for k in ("lr_embed", "lr_head"):
-      means[k] = float(history[-1][1][k])
+  def check(self) -> None:
+    """Fetches the metrics and raises TrainingDivergedError on a non-finite one. Called before
+    anything is validated or saved, so a diverged state is never kept."""
+    self.items = [(s, jax.device_get(m)) for s, m in self.items]
+    _check_finite(self.items)
+
+  def flush(self) -> tuple[dict[str, float], float]:
+    """(means over the window, steps per second), and starts a new window."""
+    self.check()
+    history = [m for _, m in self.items]
+    means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+    for k in ("lr_embed", "lr_head"):  # the rate in force now, not the window's mean
+      means[k] = float(history[-1][k])
     rate = len(history) / max(time.time() - self.start_time, 1e-9)
     self.items, self.start_time = [], time.time()
     return means, rate
@@ -428,14 +433,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   module, params = build_tail(config, feature_cache.load_tail_init(tail_init_file(dirs["train"])),
                               image_dim, text_dim, init_rng)
-  tx = optim.make_optimizer(tc, total_steps)
-  state = train_step.create_train_state(params, tx, state_rng, mesh)
-  del params  # donated with the state from the first step on
   metadata = checkpoint.make_metadata(config, module, train_cache["meta"], image_dim=image_dim,
                                       text_dim=text_dim, steps_per_epoch=steps_per_epoch,
                                       total_steps=total_steps)
+  if tc.init_from:
+    params = _params_from(tc.init_from, params, metadata)
+  tx = optim.make_optimizer(tc, total_steps)
+  state = train_step.create_train_state(params, tx, state_rng, mesh)
+  del params  # donated with the state from the first step on
   ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
-  writer = None
+  writer = bar = None
   try:
     restored = ckpt.restore_latest(state, metadata)
     state, progress = restored if restored else (state, checkpoint.Progress())
@@ -473,7 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           epoch_done = position.step_in_epoch == 0
           if epoch_done and (step == total_steps or (
               tc.eval_every_epochs > 0 and position.epoch % tc.eval_every_epochs == 0)):
-            window.flush()  # never validate (or save as best) a non-finite state
+            window.check()
             status = _validate(evaluator, state, step, position.epoch, progress, ckpt,
                                metadata, writer, tc)
           if (not status and step < total_steps
@@ -481,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             status = "preempted"
           done = step == total_steps or status != ""
           if done or ckpt.should_save(step):
-            window.flush()
+            window.check()
             if step == total_steps and not status:
               status = "completed"
             progress.status = status if done else ""
@@ -490,7 +497,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             break
         if status:
           break
-    bar.close()
     ckpt.wait_until_finished()
     if status == "preempted":
       logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
@@ -501,10 +507,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       feature_cache.atomic_write_json(workdir / RESULT_FILE, result)
     return result
   finally:
+    if bar is not None:
+      bar.close()
     ckpt.wait_until_finished()
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def _params_from(path: str, like: Any, metadata: Mapping[str, Any]) -> Any:
+  """`train.init_from`: another run's params (e.g. a dense_only run's, for d2s), checked to fit
+  this run's tail and inputs."""
+  params, saved = checkpoint.load_params(path)
+  checkpoint.check_compatible(saved, metadata, checkpoint.TAIL_KEYS + (
+      "embed_dim", "vocab_size", "word_dim", "use_bias", "use_vocab_bias"),
+                              where=f"checkpoint '{checkpoint.resolve_step_dir(path)}'")
+  if jax.tree.structure(params) != jax.tree.structure(like):
+    raise checkpoint.CheckpointError(f"the params at '{path}' have another structure than "
+                                     "this run's tail")
+  logging.info("starting from the params of %s", checkpoint.resolve_step_dir(path))
+  return jax.tree.map(jnp.asarray, params)
 
 
 def _validate(evaluator: Evaluator, state, step: int, epoch: int,
@@ -539,12 +561,7 @@ def _validate(evaluator: Evaluator, state, step: int, epoch: int,
 def _summary(status: str, step: int, total_steps: int, steps_per_epoch: int,
              progress: checkpoint.Progress, workdir: pathlib.Path,
              ckpt: checkpoint.Checkpointer, dirs: Mapping[str, pathlib.Path]) -> dict[str, Any]:
-  best_val = {}
-  best_steps = ckpt.best.all_steps()
-  if best_steps:
-    best_meta = checkpoint.ocp.Checkpointer(checkpoint.ocp.JsonCheckpointHandler()).restore(
-        ckpt.step_dir(best_steps[-1], best=True) / checkpoint.PROGRESS)
-    best_val = dict(best_meta.get("last_val", {}))
+  best_step, best_progress = ckpt.best_progress()
   return {
       "status": status,
       "step": step,
@@ -553,10 +570,10 @@ def _summary(status: str, step: int, total_steps: int, steps_per_epoch: int,
       "best_score": progress.best_score,
       "best_step": progress.best_step,
       "final_val": dict(progress.last_val),
-      "best_val": best_val,
+      "best_val": best_progress.last_val if best_progress else {},
       "workdir": str(workdir),
       "checkpoint_dir": str(ckpt.step_dir(ckpt.latest_step())) if ckpt.latest_step() else "",
-      "best_dir": str(ckpt.step_dir(best_steps[-1], best=True)) if best_steps else "",
+      "best_dir": str(ckpt.step_dir(best_step, best=True)) if best_progress else "",
       "metrics_file": str(workdir / METRICS_FILE),
       "feature_dirs": {k: str(v) for k, v in dirs.items()},
   }
@@ -587,6 +604,7 @@ def quiet_library_logs() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
   quiet_library_logs()
   try:
     result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

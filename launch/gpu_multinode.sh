@@ -39,7 +39,8 @@ fi
 if [[ -n "${SLURM_PROCID:-}" && -z "${JSDS_COORDINATOR_ADDRESS:-}" ]]; then
   # The explicit contract rather than JAX's own SLURM detection: that one makes each process
   # see a single GPU (SLURM_LOCALID), right for a task per GPU, wrong for a task per node.
-  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # awk, not head: head would close the pipe early and `pipefail` turn SIGPIPE into a failure.
+  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
   export JSDS_COORDINATOR_ADDRESS="${first_node}:${JSDS_PORT:-12355}"
   export JSDS_NUM_PROCESSES="${SLURM_NTASKS}"
   export JSDS_PROCESS_ID="${SLURM_PROCID}"

@@ -66,7 +66,8 @@ if [[ ! -f .venv/.jsds-tpu-ready ]]; then
 else
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 fi
-export PATH=\$PWD/.venv/bin:\$PATH PYTHONUNBUFFERED=1
+# PYTHONPATH: the checkout's modules also for scripts run by path (tests/..., bench/...).
+export PATH=\$PWD/.venv/bin:\$PATH PYTHONPATH=\$PWD PYTHONUNBUFFERED=1
 $env_q
 # Only worker 0 prints at INFO level for the binaries (they log from process 0), but every
 # worker's errors reach this terminal.

@@ -47,6 +47,8 @@ def _parse(argv):
   p.add_argument("--step_sleep", type=float, default=0.0, help="train: seconds after a step")
   p.add_argument("--out", help="reference: .npz of the params after each step")
   p.add_argument("--restore", help="reference: a train run folder to restore")
+  p.add_argument("--wait_for", help="reference: before restoring, wait for this file to exist "
+                 "(the train run's params.npz), so both can start together")
   return p.parse_args(argv)
 
 
@@ -200,7 +202,10 @@ def train(args):
     time.sleep(args.step_sleep)
   manager.wait_until_finished()
   if main:
-    np.savez(pathlib.Path(args.workdir) / "params.npz", **_host_params(state.params))
+    # Written to a temporary name and renamed: a reference waiting for it reads it whole.
+    tmp = pathlib.Path(args.workdir) / "params.tmp.npz"
+    np.savez(tmp, **_host_params(state.params))
+    os.replace(tmp, pathlib.Path(args.workdir) / "params.npz")
     (pathlib.Path(args.workdir) / "result.json").write_text(json.dumps(
         {"resumed_from": resumed_from, "step": int(state.step),
          "process_count": jax.process_count(), "devices": len(jax.devices()),
@@ -235,6 +240,11 @@ def reference(args):
     position = position.next(layout.steps_per_epoch(BATCH))
     out.update({f"step{k + 1}/{p}": v for p, v in _host_params(state.params).items()})
   if args.restore:
+    deadline = time.monotonic() + 300
+    while args.wait_for and not os.path.exists(args.wait_for):
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"{args.wait_for} did not appear")
+      time.sleep(0.2)
     manager = _checkpointer(args.restore)
     restored, position = _restore(manager, target)
     out.update({f"restored/{p}": v for p, v in _host_params(restored.params).items()})

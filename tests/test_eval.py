@@ -135,6 +135,16 @@ def test_prune_topk_keeps_the_largest_weights():
   np.testing.assert_array_equal(pruned, [[0, 3, 0, 2, 0], [5, 0, 0, 0, 0]])  # tie: smaller id
 
 
+def test_sparse_scores_dense_path_equals_sparse_path():
+  import scipy.sparse as sp  # pylint: disable=g-import-not-at-top
+  few = sp.random(30, 4000, density=0.002, format="csr", random_state=1, dtype=np.float32)
+  many = sp.random(20, 4000, density=0.6, format="csr", random_state=2, dtype=np.float32)
+  for z_t, z_i in ((few, few[:7]), (many, many[:9])):  # the sparse path, then the dense one
+    want = z_t.toarray() @ z_i.toarray().T
+    np.testing.assert_allclose(eval_lib.sparse_score_matrix(z_t, z_i, block=8), want,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_files_are_written_whole(setup):
   out = setup["out"]
   for name in ("report.json", "report.md", "pruning.png", "report.html", "search.json",
@@ -191,16 +201,27 @@ def test_missing_split_and_missing_cache(setup, tmp_path):
                       backbone=setup["backbone"])
 
 
-def test_missing_cache_is_encoded_with_the_encode_key(setup, tmp_path):
+def test_missing_cache_is_encoded_with_the_encode_key(setup, tmp_path, monkeypatch):
   config = tiny_config(tmp_path)  # an empty cache root
-  split_dir = eval_lib.find_or_build_cache(config, "test", setup["backbone"])
-  assert split_dir == encode.cache_dir_for(config, setup["backbone"], "test")
-  assert feature_cache.is_complete(split_dir)
-  assert feature_cache.load_split(split_dir)["meta"]["split"] == "test"
-  config = setup["config"]
-  assert setup["split_dir"] == encode.cache_dir_for(config, setup["backbone"], "test")
+  want = encode.cache_dir_for(config, setup["backbone"], "test")
+  calls = []
+
+  def fake_encode(config_arg, *, splits=None, progress=True):
+    del progress
+    calls.append((config_arg, splits))
+    return {"test": want}
+
+  # The real encode ran in the shared fixture (its cache root started empty in one of the
+  # three files); here only the call matters: this config, this split alone.
+  monkeypatch.setattr(encode, "encode", fake_encode)
+  assert eval_lib.find_or_build_cache(config, "test", setup["backbone"]) == want
+  assert calls == [(config, ["test"])]
+  assert setup["split_dir"] == encode.cache_dir_for(setup["config"], setup["backbone"], "test")
   assert feature_cache.is_complete(setup["split_dir"])
-  assert feature_cache.load_split(setup["split_dir"])["meta"]["split"] == "test"
+  calls.clear()
+  assert eval_lib.find_or_build_cache(setup["config"], "test", setup["backbone"]) == (
+      setup["split_dir"])
+  assert not calls, "a complete cache is not encoded again"
 
 
 @pytest.fixture(scope="module")

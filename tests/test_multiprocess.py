@@ -56,11 +56,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Set by the `cache` fixture: a persistent compilation cache shared by every subprocess of this
+# file, so that reruns (the resumed run, the second test's processes) skip XLA compiles.
+_JAX_CACHE: list[str] = []
+
+
 def _env(devices: int, **extra) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+  if _JAX_CACHE:
+    env.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE[0],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
@@ -100,12 +109,23 @@ def _log(workdir, pid) -> str:
   return f"process {pid} log:\n{text[-3000:]}"
 
 
-def _reference(cache, out, restore=None):
-  cmd = [sys.executable, str(DRIVER), "reference", "--cache", str(cache), "--out", str(out)]
-  if restore:
-    cmd += ["--restore", str(restore)]
-  done = subprocess.run(cmd, env=_env(4), cwd=REPO, capture_output=True, text=True, timeout=90)
-  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+def _start_reference(cache, out, log_dir, *args: str) -> subprocess.Popen:
+  """Starts the one-process, 4-device reference run; its output goes to log_dir/log.ref."""
+  log_dir.mkdir(parents=True, exist_ok=True)
+  with open(log_dir / "log.ref", "w") as log:
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), "reference", "--cache", str(cache), "--out", str(out),
+         *args], env=_env(4), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_reference(proc, out, log_dir, timeout=120):
+  try:
+    rc = proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert rc == 0, (log_dir / "log.ref").read_text()[-3000:]
   return dict(np.load(out))
 
 
@@ -212,18 +232,28 @@ def test_plan_from_env_errors(env, match):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-  return _write_cache(tmp_path_factory.mktemp("cache") / "train")
+  _JAX_CACHE[:] = [str(tmp_path_factory.mktemp("jax_cache"))]
+  yield _write_cache(tmp_path_factory.mktemp("cache") / "train")
+  _JAX_CACHE.clear()
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores(cache, tmp_path):
   run = tmp_path / "run"
-  _wait_all(_launch(run, cache, "--stop_at", "3"), run)
+  # The reference trains meanwhile, then restores the run's checkpoint once it is finished.
+  ref_proc = _start_reference(cache, tmp_path / "ref.npz", tmp_path, "--restore", str(run),
+                              "--wait_for", str(run / "params.npz"))
+  try:
+    _wait_all(_launch(run, cache, "--stop_at", "3"), run)
+  except BaseException:
+    ref_proc.kill()
+    ref_proc.wait()
+    raise
+  ref = _wait_reference(ref_proc, tmp_path / "ref.npz", tmp_path)
   result = json.loads((run / "result.json").read_text())
   assert result["process_count"] == 2 and result["devices"] == 4 and result["step"] == 3
   # Each device holds one shard: ceil(37 / 4) image rows, not all 37.
   assert result["features_per_device"] == 10 and result["images"] == N_IMG
-  ref = _reference(cache, tmp_path / "ref.npz", restore=run)
   got = dict(np.load(run / "params.npz"))
   _assert_close(got, ref, "step3/")
   moved = {k: float(np.max(np.abs(got[k] - ref["step1/" + k]))) for k in got}
@@ -241,12 +271,35 @@ def test_sigkill_fails_fast_and_rerun_resumes(cache, tmp_path):
   run = tmp_path / "run"
   # The reference meanwhile: it shares the 2 cores, but the kill window below is long.
   ref_out = tmp_path / "ref.npz"
-  run.mkdir()
-  with open(run / "log.ref", "w") as log:
-    ref_proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), "reference", "--cache", str(cache), "--out", str(ref_out)],
-        env=_env(4), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  procs = _launch(run, cache, "--stop_at", "6", "--step_sleep", "2")
+  ref_proc = _start_reference(cache, ref_out, tmp_path)
+  try:
+    rc, took = _kill_one_mid_run(run, cache)
+    log0 = (run / "log.0").read_text()
+    assert rc != 0, log0[-2000:]
+    assert took < KILL_BOUND_S, f"survivor took {took:.0f} s to exit"
+    assert "another task died" in log0 or "unhealthy" in log0, log0[-2000:]
+    assert "step 6 " not in log0
+    # The same command again resumes from the last complete checkpoint and finishes.
+    (run / "log.0").rename(run / "log.0.killed")
+    (run / "log.1").rename(run / "log.1.killed")
+    _wait_all(_launch(run, cache, "--stop_at", "6"), run)
+    result = json.loads((run / "result.json").read_text())
+    assert result["resumed_from"] is not None and result["resumed_from"] >= 2, result
+    assert result["step"] == 6
+    ref = _wait_reference(ref_proc, ref_out, tmp_path)
+  finally:
+    if ref_proc.poll() is None:
+      ref_proc.kill()
+      ref_proc.wait()
+  _assert_close(dict(np.load(run / "params.npz")), ref, "step6/")
+  print(f"survivor exited with {rc} {took:.1f} s after the kill; resumed from step "
+        f"{result['resumed_from']}")
+
+
+def _kill_one_mid_run(run, cache) -> tuple[int, float]:
+  """Starts a 6-step run, SIGKILLs process 1 once step 2 is checkpointed; returns process 0's
+  exit status and the seconds it took to exit after the kill."""
+  procs = _launch(run, cache, "--stop_at", "6", "--step_sleep", "1")
   try:
     deadline = time.monotonic() + 90
     while not (run / "ckpt" / "2").is_dir():
@@ -256,25 +309,9 @@ def test_sigkill_fails_fast_and_rerun_resumes(cache, tmp_path):
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     rc = procs[0].wait(timeout=KILL_BOUND_S + 30)
-    took = time.monotonic() - killed_at
+    return rc, time.monotonic() - killed_at
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  log0 = (run / "log.0").read_text()
-  assert rc != 0, log0[-2000:]
-  assert took < KILL_BOUND_S, f"survivor took {took:.0f} s to exit"
-  assert "another task died" in log0 or "unhealthy" in log0, log0[-2000:]
-  assert "step 6 " not in log0
-  # The same command again resumes from the last complete checkpoint and finishes.
-  (run / "log.0").rename(run / "log.0.killed")
-  (run / "log.1").rename(run / "log.1.killed")
-  _wait_all(_launch(run, cache, "--stop_at", "6"), run)
-  result = json.loads((run / "result.json").read_text())
-  assert result["resumed_from"] is not None and result["resumed_from"] >= 2, result
-  assert result["step"] == 6
-  assert ref_proc.wait(timeout=90) == 0, (run / "log.ref").read_text()[-3000:]
-  _assert_close(dict(np.load(run / "params.npz")), dict(np.load(ref_out)), "step6/")
-  print(f"survivor exited with {rc} {took:.1f} s after the kill; resumed from step "
-        f"{result['resumed_from']}")

@@ -244,3 +244,16 @@ def test_early_stopping(features, tmp_path):
   assert checkpoint.resolve_step_dir(tmp_path / "checkpoints").name == "12"
   again = train.train_and_evaluate(config, tmp_path)  # a finished run is not trained again
   assert (again["status"], again["step"]) == ("early_stopping", 12)
+
+
+def test_d2s_starts_from_another_runs_params(features, reference, tmp_path):
+  ref_dir, _ = reference
+  result = train.train_and_evaluate(
+      _config(features, mode="d2s", num_epochs=1, init_from=str(ref_dir)), tmp_path)
+  assert result["status"] == "completed"
+  start, trained = _params(ref_dir), _params(tmp_path / "checkpoints" / "4")
+  # d2s keeps the dense side it starts from (here the reference's best) and trains the head.
+  _assert_same_params({k: trained[k] for k in ("image_tail", "text_tail", "tau")},
+                      {k: start[k] for k in ("image_tail", "text_tail", "tau")})
+  assert not np.array_equal(trained["sparse_head"]["proj"]["kernel"],
+                            start["sparse_head"]["proj"]["kernel"])
