@@ -20,18 +20,21 @@ the table's lr and weight decay 0.05: the same update as the official single gro
 
 Epochs. Our epoch visits every image once (`input_pipeline`), the official one every caption,
 5× as many steps on COCO; `num_epochs = 200 · 5` gives the official run's 200-epoch step
-count and so the same warm-up length and decay slope.
+count and so the same warm-up length and decay slope. Validation runs every 5 of our epochs
+(once per official epoch), so `patience = 20` stops after the same 20 official epochs without
+a better validation sparse R@1. The head has no vocab bias c, as in the official code.
 
-Differences that remain: the official head has no vocab bias c (`nn.Linear(..., bias=False)`);
-its loss total is ½(L/2 + L'/2) + ½R (see jsds_jax/losses.py: η here is the JSON's, the
-balance against R differs by 2×); fp16 autocast there, float32 here.
+Differences that remain: the official loss total is ½(L/2 + L'/2) + ½R (see
+jsds_jax/losses.py: η here is the JSON's, so the balance against R differs by 2×); it trains
+under fp16 autocast, this config in float32 (`--config.model.dtype=bfloat16` is the
+mixed-precision counterpart).
 """
 
 from jsds_jax import config_base
 
 OFFICIAL_EPOCHS = 200
 CAPTIONS_PER_IMAGE = 5  # COCO Karpathy train + restval: 566,435 captions / 113,287 images
-PATIENCE = 20           # official epochs without a better validation sparse R@1
+PATIENCE = 20           # validations (official epochs) without a better sparse R@1
 
 
 def get_config(arg=None):
@@ -57,14 +60,15 @@ def get_config(arg=None):
     group.weight_decay = 0.05
   c.train.loss.update(w1=0.1, w2=0.1, lam1=0.9, lam2=0.3, eta_text=5e-4, eta_image=3e-5,
                       regularizer="l1", reg_warmup_fraction=0.2)
-  # TODO(lead): early stopping on validation sparse R@1 with patience PATIENCE official epochs
-  # (= PATIENCE · CAPTIONS_PER_IMAGE of ours) once config_base declares the field.
-  if "patience" in c.train:
-    c.train.patience = PATIENCE * CAPTIONS_PER_IMAGE
+  # Validate once per official epoch's worth of steps, so patience counts the same rounds.
+  c.train.eval_every_epochs = CAPTIONS_PER_IMAGE
+  c.train.patience = PATIENCE
+  c.model.use_vocab_bias = False  # the official vocab projector is `nn.Linear(..., bias=False)`
 
   if runlocal:
     c.train.batch_size = 32
     c.train.num_epochs = 1
+    c.train.eval_every_epochs = 1
     c.encode.batch_size = 8
     c.encode.num_workers = 2
   return c

@@ -6,8 +6,9 @@
 
 The paper trains BLIP and ALBEF only, so there is no published row for CLIP: this config reuses
 `blip_coco`'s (lr 5e-5 for both AdamW groups with weight decay 0.05, w1 0.1, w2 0.1, λ1 0.9,
-λ2 0.3, η_text 5e-4, η_image 3e-5, batch 256, 20% warm-up, clip 1.0), and the same epoch
-count (200 official epochs = 200 · 5 of ours). See configs/blip_coco.py for why. CLIP's
+λ2 0.3, η_text 5e-4, η_image 3e-5, batch 256, 20% warm-up, clip 1.0, no vocab bias), the
+same epoch count (200 official epochs = 200 · 5 of ours) and validation every 5 epochs with
+patience 20. See configs/blip_coco.py for why. CLIP's
 differences are in the backbone: 768-d image and 512-d text [CLS]/EOS states, bias-free
 512-d projections (the dense tails start from them), and E from its 49,408 BPE token
 embeddings (512-d), so the sparse vectors live in CLIP's vocabulary.
@@ -17,7 +18,7 @@ from jsds_jax import config_base
 
 OFFICIAL_EPOCHS = 200
 CAPTIONS_PER_IMAGE = 5  # COCO Karpathy train + restval: 566,435 captions / 113,287 images
-PATIENCE = 20           # official epochs without a better validation sparse R@1
+PATIENCE = 20           # validations (official epochs) without a better sparse R@1
 
 
 def get_config(arg=None):
@@ -43,14 +44,15 @@ def get_config(arg=None):
     group.weight_decay = 0.05
   c.train.loss.update(w1=0.1, w2=0.1, lam1=0.9, lam2=0.3, eta_text=5e-4, eta_image=3e-5,
                       regularizer="l1", reg_warmup_fraction=0.2)
-  # TODO(lead): early stopping on validation sparse R@1 with patience PATIENCE official epochs
-  # (= PATIENCE · CAPTIONS_PER_IMAGE of ours) once config_base declares the field.
-  if "patience" in c.train:
-    c.train.patience = PATIENCE * CAPTIONS_PER_IMAGE
+  # Validate once per official epoch's worth of steps, so patience counts the same rounds.
+  c.train.eval_every_epochs = CAPTIONS_PER_IMAGE
+  c.train.patience = PATIENCE
+  c.model.use_vocab_bias = False  # the official vocab projector is `nn.Linear(..., bias=False)`
 
   if runlocal:
     c.train.batch_size = 32
     c.train.num_epochs = 1
+    c.train.eval_every_epochs = 1
     c.encode.batch_size = 8
     c.encode.num_workers = 2
   return c

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -227,8 +228,8 @@ class Checkpointer:
     steps = self.best.all_steps()
     if not steps:
       return None, None
-    progress = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        self.step_dir(steps[-1], best=True) / PROGRESS)
+    progress = ocp.JsonCheckpointHandler().restore(
+        epath.Path(self.step_dir(steps[-1], best=True) / PROGRESS))
     return steps[-1], Progress.from_dict(progress)
 
   def restore_latest(self, state, metadata: Mapping[str, Any] | None = None,
@@ -344,15 +345,19 @@ def load_params(path: str | os.PathLike) -> tuple[dict, dict]:
     CheckpointError: nothing readable at `path` (the message names it).
   """
   step_dir = resolve_step_dir(path)
+  # The items' handlers directly: a Checkpointer would look for step-level metadata files
+  # beside each item and warn that they are missing.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / PARAMS).item_metadata.tree
+    tree = handler.metadata(epath.Path(step_dir / PARAMS)).tree
     # Restored as numpy: the saved shardings name devices this process may not have.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    params = checkpointer.restore(step_dir / PARAMS,
-                                  args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    metadata = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / METADATA)
+    params = handler.restore(epath.Path(step_dir / PARAMS),
+                             args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    metadata = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir / METADATA))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"cannot read the checkpoint '{step_dir}': {type(e).__name__}: "
                           f"{e}") from e
+  finally:
+    handler.close()
   return params, dict(metadata)

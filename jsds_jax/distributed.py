@@ -22,7 +22,9 @@ heartbeats)" (exit status 134, SIGABRT); when process 0 itself dies, the others 
 go away and abort the same way, usually at once because their next collective fails. A survivor
 blocked in a collective is not a hang: the abort comes from the runtime's own error-polling
 thread. Rerunning the same launch command then resumes from the last complete checkpoint.
-`JSDS_INIT_TIMEOUT_S` (default 300) bounds how long a process waits for its peers to appear.
+`JSDS_INIT_TIMEOUT_S` (default 300) bounds how long a process waits for its peers to appear,
+`JSDS_SHUTDOWN_TIMEOUT_S` (default 300) how long a finished process waits at exit for the others
+to finish (raise it when hosts may finish far apart, e.g. `encode` over slow storage).
 """
 
 import dataclasses
@@ -37,8 +39,10 @@ _ENV_NUM = "JSDS_NUM_PROCESSES"
 _ENV_ID = "JSDS_PROCESS_ID"
 _ENV_HEARTBEAT = "JSDS_HEARTBEAT_TIMEOUT_S"
 _ENV_INIT = "JSDS_INIT_TIMEOUT_S"
+_ENV_SHUTDOWN = "JSDS_SHUTDOWN_TIMEOUT_S"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 DEFAULT_INIT_TIMEOUT_S = 300
+DEFAULT_SHUTDOWN_TIMEOUT_S = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Plan:
     process_id: this process's id in [0, N) ("env" only).
     heartbeat_timeout_s: seconds without heartbeats before a peer is declared dead.
     init_timeout_s: seconds to wait for all peers at start-up.
+    shutdown_timeout_s: seconds a finished process waits at exit for the others.
   """
 
   how: str
@@ -61,6 +66,7 @@ class Plan:
   process_id: int | None = None
   heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
   init_timeout_s: int = DEFAULT_INIT_TIMEOUT_S
+  shutdown_timeout_s: int = DEFAULT_SHUTDOWN_TIMEOUT_S
 
 
 def _int_env(env, name: str, default: int | None = None) -> int | None:
@@ -96,7 +102,8 @@ def plan_from_env(env=None) -> Plan:
   """
   env = os.environ if env is None else env
   timeouts = dict(heartbeat_timeout_s=_int_env(env, _ENV_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT_S),
-                  init_timeout_s=_int_env(env, _ENV_INIT, DEFAULT_INIT_TIMEOUT_S))
+                  init_timeout_s=_int_env(env, _ENV_INIT, DEFAULT_INIT_TIMEOUT_S),
+                  shutdown_timeout_s=_int_env(env, _ENV_SHUTDOWN, DEFAULT_SHUTDOWN_TIMEOUT_S))
   mode = env.get(_ENV_MODE, "auto")
   if mode not in ("auto", "off"):
     raise ValueError(f"{_ENV_MODE} must be 'auto' or 'off', got {mode!r}")
@@ -141,7 +148,8 @@ def maybe_initialize(env=None) -> Plan:
   if plan.how == "off" or jax.distributed.is_initialized():
     return plan
   kwargs = dict(initialization_timeout=plan.init_timeout_s,
-                heartbeat_timeout_seconds=plan.heartbeat_timeout_s)
+                heartbeat_timeout_seconds=plan.heartbeat_timeout_s,
+                shutdown_timeout_seconds=plan.shutdown_timeout_s)
   if plan.how == "env":
     # All three given: JAX's cluster detection would only pick local_device_ids (one GPU per
     # process under SLURM), which the explicit contract leaves to JAX_LOCAL_DEVICE_IDS.

@@ -53,9 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 
-DATA_AXIS = "data"
+DATA_AXIS = sharding.DATA_AXIS
 
 
 @flax.struct.dataclass

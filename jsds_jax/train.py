@@ -201,6 +201,9 @@ class Evaluator:
       MRR@10, rsum), "nnz_image", "nnz_text": mean non-zeros per sparse vector, "flops": the
       D2S FLOPs of caption queries against images}.
     """
+    if jax.process_count() > 1:
+      # Replicated params of a multi-process mesh, copied to this process's devices.
+      params = jax.tree.map(np.asarray, params)
     n_img, n_cap = self.h_img.shape[0], self.h_txt.shape[0]
     e_i, z_i, nz_i = self._embed(params, self.h_img, "image")
     tau = self._tau(params)
@@ -439,7 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if tc.init_from:
     params = _params_from(tc.init_from, params, metadata)
   tx = optim.make_optimizer(tc, total_steps)
-  state = train_step.create_train_state(params, tx, state_rng, mesh)
+  # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
+  state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
   del params  # donated with the state from the first step on
   ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
   writer = bar = None
@@ -449,7 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start = int(state.step)
     status = progress.status
     writer = MetricWriter(workdir, start)
-    evaluator = Evaluator(module, dirs[tc.val_split], mesh, tc.loss.w1, tc.loss.w2)
+    # Validation runs on this process's devices (each process gets the same numbers).
+    evaluator = Evaluator(module, dirs[tc.val_split], sharding.local_data_mesh(), tc.loss.w1,
+                          tc.loss.w2)
     step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh)
     logging.info("training %s: %d steps (%d epochs x %d), batch %d on %d devices, from step %d",
                  tc.mode, total_steps, tc.num_epochs, steps_per_epoch, tc.batch_size, mesh.size,

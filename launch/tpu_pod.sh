@@ -15,7 +15,7 @@
 # the same path on all workers. launch/README.md has the full recipe.
 #
 # Environment passed through to the workers when set here: JSDS_HEARTBEAT_TIMEOUT_S,
-# JSDS_INIT_TIMEOUT_S, HF_TOKEN, HF_HUB_OFFLINE. JAX_TPU_EXTRA (default "tpu") picks the jax
+# JSDS_INIT_TIMEOUT_S, JSDS_SHUTDOWN_TIMEOUT_S, HF_TOKEN, HF_HUB_OFFLINE. JAX_TPU_EXTRA (default "tpu") picks the jax
 # extra installed beside the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,8 @@ git ls-files -z --cached --others --exclude-standard | tar -czf "$archive" --nul
 # 2. Unpack, venv (idempotent), jax with the TPU runtime at the version the project resolved.
 printf -v command_q '%q ' "$@"
 env_q=""
-for v in JSDS_HEARTBEAT_TIMEOUT_S JSDS_INIT_TIMEOUT_S HF_TOKEN HF_HUB_OFFLINE; do
+for v in JSDS_HEARTBEAT_TIMEOUT_S JSDS_INIT_TIMEOUT_S JSDS_SHUTDOWN_TIMEOUT_S HF_TOKEN \
+         HF_HUB_OFFLINE; do
   [[ -n "${!v:-}" ]] && env_q+="export $v=$(printf '%q' "${!v}"); "
 done
 extra=${JAX_TPU_EXTRA:-tpu}

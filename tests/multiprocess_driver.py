@@ -91,7 +91,9 @@ def _make_step(module, tx, train, mesh, features):
 
   make_train_step hard-codes P() (replicated) for the features; a "sharded" cache needs
   P('data'). Until train_step reads `input_pipeline.features_spec(features)` itself, the
-  spec is swapped in at construction (the only shard_map call make_train_step makes).
+  spec is swapped in at construction (the only shard_map call make_train_step makes). Once it
+  does (building the shard_map at trace time), nothing calls shard_map inside the swap and it
+  is a no-op; delete it then.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jsds_jax import input_pipeline  # pylint: disable=g-import-not-at-top

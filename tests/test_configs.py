@@ -98,8 +98,9 @@ def test_paper_hyperparameters(name):
     assert c.backbone.checkpoint == f"Salesforce/blip-itm-base-{name.split('_')[1]}"
   else:
     assert c.backbone.checkpoint == ""  # a local LAVIS folder, given on the command line
-  if "patience" in c.train:
-    assert c.train.patience == 20 * 5
+  # One validation per official epoch, patience 20 of them; no vocab bias, as the official head.
+  assert c.train.eval_every_epochs == 5 and c.train.patience == 20
+  assert not c.model.use_vocab_bias
 
 
 def test_clip_coco():

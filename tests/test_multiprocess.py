@@ -24,6 +24,7 @@ import pytest
 
 from jsds_jax import distributed
 from jsds_jax import input_pipeline
+from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 
 DRIVER = pathlib.Path(__file__).with_name("multiprocess_driver.py")
@@ -194,6 +195,20 @@ def test_sharded_features_gather_the_right_rows(tmp_path):
   np.testing.assert_array_equal(np.asarray(h_img),
                                 split["image_pooled"][split["caption_image_index"][glob]])
   assert len(set(np.asarray(image_idx).tolist())) == 8  # ids unique across devices
+
+
+def test_replicate_and_local_replica():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  tree = {"w": np.arange(6.0).reshape(2, 3), "key": jax.random.key(7)}
+  out = sharding.replicate(tree, mesh)
+  assert out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 4
+  assert jax.dtypes.issubdtype(out["key"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
+  assert sharding.local_replica(out, mesh)["w"] is out["w"]  # already there: no copy
+  two = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  w2 = sharding.local_replica({"w": out["w"]}, two)["w"]
+  assert w2.sharding.mesh == two and w2.sharding.is_fully_replicated
+  np.testing.assert_array_equal(np.asarray(w2), tree["w"])
 
 
 @pytest.mark.parametrize("env,how", [

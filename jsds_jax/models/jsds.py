@@ -114,8 +114,8 @@ class JSDSTail(nn.Module):
   def sparse_terms(self, e_i: jax.Array, e_t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The shared sparse head on both modalities at once.
 
-    One pass over the stacked (B_i + B_t, P) embeddings rather than one per modality: E is
-    read once, and its gradient is one (V, d_w) matmul instead of two summed afterwards.
+    One call of the head on both batches: its gradient with respect to E (and c) is then one
+    matmul over all B_i + B_t rows instead of one per modality, summed.
 
     Args:
       e_i: (B_i, P) image embeddings. e_t: (B_t, P) caption embeddings.
@@ -123,8 +123,7 @@ class JSDSTail(nn.Module):
     Returns:
       z_i (B_i, V), z_t (B_t, V).
     """
-    z = self.sparse_head(jnp.concatenate([e_i, e_t.astype(e_i.dtype)], axis=0))
-    return z[:e_i.shape[0]], z[e_i.shape[0]:]
+    return self.sparse_head((e_i, e_t))
 
 
 def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: int,
@@ -175,6 +174,7 @@ def dense_scores(e_i: jax.Array, e_t: jax.Array, tau: jax.Array) -> jax.Array:
   return s / jnp.asarray(tau, dt)
 
 
+@jax.custom_vjp
 def sparse_scores(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
   """S_s = z_i z_tᵀ.
 
@@ -186,6 +186,25 @@ def sparse_scores(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
   """
   dt = jnp.promote_types(jnp.result_type(z_i, z_t), jnp.float32)
   return jnp.einsum("iv,tv->it", z_i, z_t, preferred_element_type=dt)
+
+
+def _sparse_scores_fwd(z_i, z_t):
+  return sparse_scores(z_i, z_t), (z_i, z_t)
+
+
+def _sparse_scores_bwd(res, ds):
+  # Written out because autodiff would multiply the float32 cotangent with z converted UP to
+  # float32: with bfloat16 z the two (B, B) x (B, V) products then cost a float32 matmul each.
+  # Here they run in z's dtype (accumulating in float32), as mixed-precision backward passes do;
+  # with float32 z this is exactly the automatic gradient.
+  z_i, z_t = res
+  acc = jnp.promote_types(jnp.result_type(z_i, z_t), jnp.float32)
+  dz_i = jnp.einsum("it,tv->iv", ds.astype(z_t.dtype), z_t, preferred_element_type=acc)
+  dz_t = jnp.einsum("it,iv->tv", ds.astype(z_i.dtype), z_i, preferred_element_type=acc)
+  return dz_i.astype(z_i.dtype), dz_t.astype(z_t.dtype)
+
+
+sparse_scores.defvjp(_sparse_scores_fwd, _sparse_scores_bwd)
 
 
 def integrated_scores(s_d: jax.Array, s_s: jax.Array, w1: Any, w2: Any) -> jax.Array:

@@ -39,22 +39,37 @@ class SparseHead(nn.Module):
   embedding_init: Any = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, e: jax.Array) -> jax.Array:
-    """Args: e (B, d_e) dense embeddings. Returns: z (B, V) >= 0, in `dtype`."""
-    x = nn.Dense(self.word_dim, dtype=self.dtype, param_dtype=jnp.float32, name="proj")(e)
-    x = nn.LayerNorm(LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="layer_norm")(x)
+  def __call__(self, e: Any) -> Any:
+    """The head on one batch, or on several sharing one pass through the (B, V) part.
+
+    Args:
+      e: (B, d_e) dense embeddings, or a tuple of such arrays (e.g. images and captions):
+        every row goes through the same params, and the gradient of E is then one matmul
+        over all rows instead of one per array, summed.
+
+    Returns:
+      z (B, V) >= 0 in `dtype`, or a tuple of them, one per input.
+    """
+    proj = nn.Dense(self.word_dim, dtype=self.dtype, param_dtype=jnp.float32, name="proj")
+    norm = nn.LayerNorm(LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="layer_norm")
     emb = self.param("word_embeddings", self.embedding_init, (self.vocab_size, self.word_dim),
                      jnp.float32)
     c = None
     if self.use_vocab_bias:
       c = self.param("vocab_bias", nn.initializers.zeros_init(), (self.vocab_size,), jnp.float32)
-    return term_weights(x, emb, c, jnp.dtype(self.dtype))
+    many = isinstance(e, (tuple, list))
+    zs = term_weights(tuple(norm(proj(x)) for x in (e if many else (e,))), emb, c,
+                      jnp.dtype(self.dtype))
+    return zs if many else zs[0]
 
 
 # The (B, V) part of the head is the whole cost of a training step (three B·d_w·V matmuls,
 # the rest is small), so it is one function with a hand-written gradient:
-#   * the backward pass reads only the output z: for l > 0, dz/dl = 1 / (1 + l) = exp(-z), and
-#     z > 0 exactly where l > 0, so neither the logits nor relu's mask are kept alive;
+#   * the backward pass reads only the outputs z: for l > 0, dz/dl = 1 / (1 + l) = exp(-z),
+#     and z > 0 exactly where l > 0, so neither the logits nor relu's mask are kept alive;
+#   * several inputs (images, captions) give separate outputs, so nothing downstream slices a
+#     (B, V) array, while their gradients are stacked into one (ΣB, V) array as they are
+#     computed: dE and dc are one matmul each;
 #   * dc = 1ᵀ·dl is a matmul: XLA's CPU reduce over the batch axis of a (B, V) array runs
 #     ~30× slower than the same sum as a (1, B) x (B, V) product;
 #   * dE = dlᵀ·x is accumulated in float32 whatever `dtype` is (a parameter gradient), while
@@ -63,40 +78,46 @@ class SparseHead(nn.Module):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def term_weights(x: jax.Array, emb: jax.Array, bias: Optional[jax.Array],
-                 dtype: Any) -> jax.Array:
-  """z = log(1 + relu(x Eᵀ + c)).
+def term_weights(xs: tuple[jax.Array, ...], emb: jax.Array, bias: Optional[jax.Array],
+                 dtype: Any) -> tuple[jax.Array, ...]:
+  """z = log(1 + relu(x Eᵀ + c)) for each x in `xs`.
 
   Args:
-    x: (B, d_w) LayerNorm outputs.
+    xs: tuple of (B_k, d_w) LayerNorm outputs.
     emb: (V, d_w) float32 word embeddings E.
     bias: (V,) float32 vocab bias c, or None.
     dtype: the matmul's input dtype (and z's); accumulation is float32.
 
   Returns:
-    z: (B, V) in `dtype`, >= 0.
+    A tuple of z (B_k, V) in `dtype`, >= 0.
   """
-  return _term_weights_fwd(x, emb, bias, dtype)[0]
+  return _term_weights_fwd(xs, emb, bias, dtype)[0]
 
 
-def _term_weights_fwd(x, emb, bias, dtype):
+def _term_weights_fwd(xs, emb, bias, dtype):
   emb_c = emb.astype(dtype)
-  logits = jnp.einsum("bd,vd->bv", x.astype(dtype), emb_c, preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias
-  z = jnp.log1p(jax.nn.relu(logits)).astype(dtype)
-  return z, (x, emb_c, bias, z)
+  zs = []
+  for x in xs:
+    logits = jnp.einsum("bd,vd->bv", x.astype(dtype), emb_c, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    zs.append(jnp.log1p(jax.nn.relu(logits)).astype(dtype))
+  zs = tuple(zs)
+  return zs, (xs, emb_c, bias, zs)
 
 
-def _term_weights_bwd(dtype, res, dz):
-  x, emb_c, bias, z = res
-  z32 = z.astype(jnp.float32)
-  dl = jnp.where(z32 > 0, dz.astype(jnp.float32) * jnp.exp(-z32), 0.0)
-  dx = jnp.einsum("bv,vd->bd", dl.astype(dtype), emb_c,
-                  preferred_element_type=jnp.float32).astype(x.dtype)
-  demb = jnp.einsum("bv,bd->vd", dl, x.astype(jnp.float32))
+def _term_weights_bwd(dtype, res, dzs):
+  xs, emb_c, bias, zs = res
+  dl = jnp.concatenate([
+      jnp.where(z > 0, dz.astype(jnp.float32) * jnp.exp(-z.astype(jnp.float32)), 0.0)
+      for z, dz in zip(zs, dzs)])
+  x_all = jnp.concatenate([x.astype(jnp.float32) for x in xs])
+  dx = jnp.einsum("bv,vd->bd", dl.astype(dtype), emb_c, preferred_element_type=jnp.float32)
+  splits = np.cumsum([x.shape[0] for x in xs])[:-1]
+  dxs = tuple(d.astype(x.dtype) for d, x in zip(jnp.split(dx, splits), xs))
+  demb = jnp.einsum("bv,bd->vd", dl, x_all)
   dbias = None if bias is None else jnp.einsum("b,bv->v", jnp.ones(dl.shape[:1], jnp.float32), dl)
-  return dx, demb, dbias
+  return dxs, demb, dbias
 
 
 term_weights.defvjp(_term_weights_fwd, _term_weights_bwd)
