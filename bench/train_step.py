@@ -1,15 +1,16 @@
 """Train-step time: our sharded JSDS step against a PyTorch re-creation of the official one.
 
-  python bench/train_step.py                        # CPU defaults: batch 256, |V| 30524, few steps
-  python bench/train_step.py --steps 50 --rounds 5  # on a GPU (fp16 autocast + GradScaler there)
-  python bench/train_step.py --epoch-steps 0        # skip the input-path check
+  python bench/train_step.py                    # CPU: fp32 vs fp32, 1 step × 8 rounds, input path
+  python bench/train_step.py --dtype bfloat16 --torch-cpu-dtype bfloat16 --epoch-steps 0
+  python bench/train_step.py                    # GPU: ours bf16 vs fp16 autocast, 50 steps × 5
 
 Both sides train the same tail on the same device from inputs already there: two dense tails
 (Linear 768 → 256, L2 normalise), one shared sparse head (Linear 256 → 768, LayerNorm, the
 tied E (|V| × 768) matmul + bias c, log1p(relu)), a learnable τ, the JSDS loss (InfoNCE on
 S_d, S_s and S_int, self-KD, L1 regulariser), AdamW in the official two groups (LayerNorm + E + c
 at 5e-5 without decay; W_s, the projections and τ at 1e-3 with decay 0.05), a linear
-warm-up/decay schedule and a global gradient-norm clip at 1.0.
+warm-up/decay schedule and a global gradient-norm clip at 1.0. (The official head has no
+vocab bias; both sides here have one, as our default `model.use_vocab_bias` does.)
 
   official  PyTorch eager as holi-lab/mm-sparse-retrieval trains it (`lightning_model.py`,
             `loss.py`, Lightning's "16-mixed" precision): `torch.autocast` fp16 and a GradScaler
@@ -20,7 +21,8 @@ warm-up/decay schedule and a global gradient-norm clip at 1.0.
             class, and it is what the official step computes. Lightning's own per-step
             overhead (logging, hooks) is not included, so this is a lower bound on its time.
   ours      `train_step.make_train_step` on a one-device mesh, exactly as training runs it: the
-            batch gathered from an on-device feature cache inside the step, the state donated.
+            batch gathered from an on-device feature cache inside the step, the state donated;
+            the tail computes in `--dtype` (bfloat16 on a GPU, float32 on a CPU by default).
   plain     (`--plain`) a bare `jax.jit` of the same math (no shard_map, batch passed in).
 
 Timing: after warm-up (compilation), `--rounds` rounds, each running `--steps` steps of every
@@ -319,7 +321,7 @@ def _input_path_check(args, on_gpu, mesh, step, state, isolated):
   del image, text
   total = input_pipeline.steps_per_epoch(COCO_IMAGES, args.batch)
   n = total if epoch_steps < 0 else min(epoch_steps, total)
-  rounds = 3 if on_gpu else 2
+  rounds = 3  # odd, so the median is one of them
 
   def epoch(epoch_idx):
     """(seconds for the epoch's order: host + transfer, seconds for n steps over it)."""
@@ -356,7 +358,7 @@ def _input_path_check(args, on_gpu, mesh, step, state, isolated):
     budget_s = iso_s * total / n
     ratios.append(epoch_s / budget_s)
     parts.append((epoch_s, budget_s, order_s, loop_s / n, iso_s / n))
-  mid = ratios.index(statistics.median_low(ratios))
+  mid = ratios.index(statistics.median(ratios))
   epoch_s, budget_s, order_s, loop_step, iso_step = parts[mid]
   how = "the whole epoch timed" if n == total else (
       f"EXTRAPOLATED: the order timed in full, {n} of {total} steps timed and the loop's "
@@ -364,7 +366,7 @@ def _input_path_check(args, on_gpu, mesh, step, state, isolated):
   print(f"epoch over the COCO-sized cache: {total} steps in {epoch_s:.2f} s ({how}); order "
         f"{1e3 * order_s:.0f} ms + {1e3 * loop_step:.2f} ms/step")
   print(f"steps × isolated step time: {total} × {1e3 * iso_step:.2f} ms = {budget_s:.2f} s")
-  print(f"epoch / (steps × step) = {statistics.median_low(ratios):.3f}  (per round: "
+  print(f"epoch / (steps × step) = {ratios[mid]:.3f}, the median round  (per round: "
         + ", ".join(f"{x:.3f}" for x in ratios) + "; target <= 1.2)")
 
 

@@ -33,7 +33,6 @@ def get_config(arg=None):
   c.backbone.max_text_len = 30  # ALBEF retrieval's text length
   c.data.name = "karpathy"
   c.encode.batch_size = 256
-  c.encode.dtype = "bfloat16"
 
   c.train.mode = "jsds"
   c.train.batch_size = 256

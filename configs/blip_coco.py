@@ -47,7 +47,6 @@ def get_config(arg=None):
   c.data.name = "karpathy"
   c.data.include_restval = True
   c.encode.batch_size = 256
-  c.encode.dtype = "bfloat16"
 
   c.train.mode = "jsds"
   c.train.batch_size = 256

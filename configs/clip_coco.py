@@ -8,10 +8,9 @@ The paper trains BLIP and ALBEF only, so there is no published row for CLIP: thi
 `blip_coco`'s (lr 5e-5 for both AdamW groups with weight decay 0.05, w1 0.1, w2 0.1, λ1 0.9,
 λ2 0.3, η_text 5e-4, η_image 3e-5, batch 256, 20% warm-up, clip 1.0, no vocab bias), the
 same epoch count (200 official epochs = 200 · 5 of ours) and validation every 5 epochs with
-patience 20. See configs/blip_coco.py for why. CLIP's
-differences are in the backbone: 768-d image and 512-d text [CLS]/EOS states, bias-free
-512-d projections (the dense tails start from them), and E from its 49,408 BPE token
-embeddings (512-d), so the sparse vectors live in CLIP's vocabulary.
+patience 20; configs/blip_coco.py says why. CLIP differs in the backbone: 768-d image and
+512-d text (EOS) states, bias-free 512-d projections (the dense tails start from them), and E
+from its 49,408 BPE token embeddings (512-d), so the sparse vectors live in CLIP's vocabulary.
 """
 
 from jsds_jax import config_base
@@ -31,7 +30,6 @@ def get_config(arg=None):
   c.data.name = "karpathy"
   c.data.include_restval = True
   c.encode.batch_size = 256
-  c.encode.dtype = "bfloat16"
 
   c.train.mode = "jsds"
   c.train.batch_size = 256

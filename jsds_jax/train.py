@@ -167,10 +167,18 @@ class Evaluator:
     self.w1, self.w2 = float(w1), float(w2)
     self._rows = jax.sharding.NamedSharding(self.mesh, P(input_pipeline.DATA_AXIS))
     jit = lambda f: jax.jit(f, compiler_options=compiler_options)
-    apply = lambda method: jit(lambda params, h: module.apply({"params": params}, h,
-                                                              method=method))
-    self._encode = {"image": apply(jsds.JSDSTail.encode_image),
-                    "text": apply(jsds.JSDSTail.encode_text)}
+
+    def encoder(method):
+      def encode(params, h, n_valid):
+        e, z = module.apply({"params": params}, h, method=method)
+        # Per term, how many of the block's real rows use it (for FLOPs), counted on the
+        # devices so that the (block, V) vectors never travel to the host.
+        valid = (jnp.arange(h.shape[0]) < n_valid)[:, None]
+        return e, z, jnp.sum((z != 0) & valid, axis=0, dtype=jnp.int32)
+      return jit(encode)
+
+    self._encode = {"image": encoder(jsds.JSDSTail.encode_image),
+                    "text": encoder(jsds.JSDSTail.encode_text)}
     self._tau = jit(lambda params: module.apply({"params": params},
                                                 method=jsds.JSDSTail.temperature))
     self._scores = jit(self._score_block)
@@ -180,18 +188,13 @@ class Evaluator:
     s_s = jsds.sparse_scores(z_t, z_i)
     return s_d, s_s, jsds.integrated_scores(s_d, s_s, self.w1, self.w2)
 
-  def _embed(self, params, h: np.ndarray, kind: str):
-    """(e, z) of every row of h, blocks concatenated on the devices (padded rows at the end),
-    plus the count of vectors with each term non-zero (V,) for FLOPs."""
-    es, zs, nonzero = [], [], 0
+  def _encoded_blocks(self, params, h: np.ndarray, kind: str):
+    """Yields (real rows, e (block, P), z (block, V), term counts (V,)) per block of h; the
+    last block is padded with zero rows."""
     for start in range(0, h.shape[0], self.block):
       chunk = h[start:start + self.block]
       x = jax.device_put(_pad_rows(chunk, self.block), self._rows)
-      e, z = self._encode[kind](params, x)
-      nonzero = nonzero + np.sum(np.asarray(z)[:chunk.shape[0]] != 0, axis=0)
-      es.append(e)
-      zs.append(z)
-    return jnp.concatenate(es), jnp.concatenate(zs), np.asarray(nonzero, np.float64)
+      yield (chunk.shape[0], *self._encode[kind](params, x, chunk.shape[0]))
 
   def __call__(self, params) -> dict[str, Any]:
     """Metrics of `params` on the split.
@@ -205,24 +208,23 @@ class Evaluator:
       # Replicated params of a multi-process mesh, copied to this process's devices.
       params = jax.tree.map(np.asarray, params)
     n_img, n_cap = self.h_img.shape[0], self.h_txt.shape[0]
-    e_i, z_i, nz_i = self._embed(params, self.h_img, "image")
+    images = list(self._encoded_blocks(params, self.h_img, "image"))
+    e_i = jnp.concatenate([b[1] for b in images])  # padded rows last: sliced off the scores
+    z_i = jnp.concatenate([b[2] for b in images])
+    terms_i = np.sum([np.asarray(b[3], np.float64) for b in images], axis=0)
     tau = self._tau(params)
     blocks = {k: [] for k in SCORE_KINDS}
-    nz_t = 0
-    for start in range(0, n_cap, self.block):
-      chunk = self.h_txt[start:start + self.block]
-      x = jax.device_put(_pad_rows(chunk, self.block), self._rows)
-      e_t, z_t = self._encode["text"](params, x)
-      nz_t = nz_t + np.sum(np.asarray(z_t)[:chunk.shape[0]] != 0, axis=0)
+    terms_t = 0.0
+    for rows, e_t, z_t, terms in self._encoded_blocks(params, self.h_txt, "text"):
+      terms_t = terms_t + np.asarray(terms, np.float64)
       for k, s in zip(SCORE_KINDS, self._scores(e_t, z_t, e_i, z_i, tau)):
-        blocks[k].append(np.asarray(s)[:chunk.shape[0], :n_img])
+        blocks[k].append(np.asarray(s)[:rows, :n_img])
     out: dict[str, Any] = {k: metrics_lib.retrieval_metrics(np.concatenate(v),
                                                             self.caption_image_index)
                            for k, v in blocks.items()}
-    nz_t = np.asarray(nz_t, np.float64)
-    out["nnz_image"] = float(nz_i.sum() / n_img)
-    out["nnz_text"] = float(nz_t.sum() / n_cap)
-    out["flops"] = float(np.dot(nz_t / n_cap, nz_i / n_img))
+    out["nnz_image"] = float(terms_i.sum() / n_img)
+    out["nnz_text"] = float(np.sum(terms_t) / n_cap)
+    out["flops"] = float(np.dot(terms_t / n_cap, terms_i / n_img))
     return out
 
 

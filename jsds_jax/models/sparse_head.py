@@ -63,8 +63,9 @@ class SparseHead(nn.Module):
     return zs if many else zs[0]
 
 
-# The (B, V) part of the head is the whole cost of a training step (three B·d_w·V matmuls,
-# the rest is small), so it is one function with a hand-written gradient:
+# The (B, V) part of the head is most of a training step's cost (three ΣB·d_w·V matmuls;
+# the sparse scores and the optimizer are most of the rest), so it is one function with a
+# hand-written gradient:
 #   * the backward pass reads only the outputs z: for l > 0, dz/dl = 1 / (1 + l) = exp(-z),
 #     and z > 0 exactly where l > 0, so neither the logits nor relu's mask are kept alive;
 #   * several inputs (images, captions) give separate outputs, so nothing downstream slices a
