@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
+from jsds_jax import distributed
 from jsds_jax import explain
 from jsds_jax import metrics
 from jsds_jax import tail_outputs
@@ -575,6 +576,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()
   f = flags.FLAGS
   try:
     report = evaluate_checkpoint(f.config, f.checkpoint, f.out, f.split, html_report=f.html,

@@ -430,9 +430,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   cap_img = np.asarray(train_cache["caption_image_index"])
   image_dim = train_cache["image_pooled"].shape[1]
   text_dim = train_cache["text_pooled"].shape[1]
-  features = input_pipeline.device_features(train_cache["image_pooled"],
-                                            train_cache["text_pooled"], cap_img, mesh)
-  steps_per_epoch = input_pipeline.steps_per_epoch(features.num_images, tc.batch_size)
+  if jax.process_count() > 1:
+    # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
+    features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh)
+    steps_per_epoch = layout.steps_per_epoch(tc.batch_size)
+  else:
+    features = input_pipeline.device_features(train_cache["image_pooled"],
+                                              train_cache["text_pooled"], cap_img, mesh)
+    layout = None
+    steps_per_epoch = input_pipeline.steps_per_epoch(features.num_images, tc.batch_size)
   total_steps = tc.num_epochs * steps_per_epoch
 
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -471,7 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       while step < total_steps and status in ("", "preempted"):
         status = ""
         order = input_pipeline.device_order(
-            input_pipeline.epoch_order(config.seed, position.epoch, cap_img, tc.batch_size),
+            input_pipeline.epoch_order(config.seed, position.epoch, cap_img, tc.batch_size,
+                                       layout=layout),
             mesh)
         for k in range(position.step_in_epoch, steps_per_epoch):
           state, step_metrics = step_fn(state, features, order, k)
@@ -543,7 +550,7 @@ def _validate(evaluator: Evaluator, state, step: int, epoch: int,
               tc: ml_collections.ConfigDict) -> str:
   """Validates, records, keeps the best params; returns "early_stopping" or ""."""
   t0 = time.time()
-  val = evaluator(state.params)
+  val = evaluator(sharding.local_replica(state.params, evaluator.mesh))
   flat = flatten_metrics(val)
   score = val_score(val, tc.mode)
   improved = score > progress.best_score
@@ -619,7 +626,8 @@ def main(argv: Sequence[str]) -> None:
   except TrainingDivergedError as e:
     print(f"error: training diverged: {e}", file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
-  print(describe(result))
+  if distributed.is_main_process():
+    print(describe(result))
 
 
 def run() -> None:

@@ -30,6 +30,7 @@ import optax
 from jsds_jax import input_pipeline
 from jsds_jax import losses
 from jsds_jax import optim
+from jsds_jax import sharding
 from jsds_jax.models import jsds
 
 P = jax.sharding.PartitionSpec
@@ -64,7 +65,9 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=rng)
   if mesh is not None:
-    state = jax.device_put(state, input_pipeline.replicated(mesh))
+    # device_put cannot place typed PRNG keys or committed arrays on a mesh spanning processes.
+    state = (sharding.replicate(state, mesh) if mesh.is_multi_process
+             else jax.device_put(state, input_pipeline.replicated(mesh)))
   return state
 
 
@@ -210,6 +213,11 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P()),
-                          out_specs=(P(), P()))
+  def sharded(state, features, order, step_in_epoch):
+    # The features' spec follows their layout (static): replicated P(), or one shard per
+    # device P('data') in multi-process runs (input_pipeline's "sharded" layout).
+    specs = (P(), input_pipeline.features_spec(features), P(None, AXIS), P())
+    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P()))(
+        state, features, order, step_in_epoch)
+
   return jax.jit(sharded, donate_argnums=(0,), compiler_options=compiler_options)

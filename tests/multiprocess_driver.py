@@ -22,7 +22,6 @@ Until jsds_jax/train.py takes over this job, this file is the training loop of t
 """
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -80,47 +79,15 @@ def _setup(mesh, image_dim, text_dim):
   params = init(jax.random.key(1), jnp.zeros((1, image_dim)), jnp.zeros((1, text_dim)))["params"]
   params = jax.tree.map(np.asarray, params)
   tx = optim.make_optimizer(train, total_steps=TOTAL_STEPS)
-  # create_train_state(..., mesh) device_puts, which cannot place a typed PRNG key on a mesh
-  # that spans processes; sharding.replicate can.
-  state = sharding.replicate(train_step.create_train_state(params, tx, jax.random.key(2)), mesh)
+  state = train_step.create_train_state(params, tx, jax.random.key(2), mesh)
   return module, tx, state, train
 
 
 def _make_step(module, tx, train, mesh, features):
-  """`train_step.make_train_step`, with the features' in_spec taken from their layout.
-
-  make_train_step hard-codes P() (replicated) for the features; a "sharded" cache needs
-  P('data'). Until train_step reads `input_pipeline.features_spec(features)` itself, the
-  spec is swapped in at construction (the only shard_map call make_train_step makes). Once it
-  does (building the shard_map at trace time), nothing calls shard_map inside the swap and it
-  is a no-op; delete it then.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jsds_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  """`train_step.make_train_step`; it takes the features' in_spec from their layout."""
+  del features
   from jsds_jax import train_step  # pylint: disable=g-import-not-at-top
-  spec = input_pipeline.features_spec(features)
-  original = jax.shard_map
-
-  def shard_map(f, **kw):
-    in_specs = kw["in_specs"]
-    kw["in_specs"] = (in_specs[0], spec) + tuple(in_specs[2:])
-    return original(f, **kw)
-
-  swap = (contextlib.nullcontext() if features.layout == "replicated"
-          else _patched(jax, "shard_map", shard_map))
-  with swap:
-    return train_step.make_train_step(module, tx, train, TOTAL_STEPS, mesh,
-                                      compiler_options=FAST)
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-  old = getattr(obj, name)
-  setattr(obj, name, value)
-  try:
-    yield
-  finally:
-    setattr(obj, name, old)
+  return train_step.make_train_step(module, tx, train, TOTAL_STEPS, mesh, compiler_options=FAST)
 
 
 def _checkpointer(directory):
