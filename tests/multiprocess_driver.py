@@ -68,7 +68,6 @@ def _setup(mesh, image_dim, text_dim):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jsds_jax import optim  # pylint: disable=g-import-not-at-top
-  from jsds_jax import sharding  # pylint: disable=g-import-not-at-top
   from jsds_jax import train_step  # pylint: disable=g-import-not-at-top
   from jsds_jax.models import jsds  # pylint: disable=g-import-not-at-top
   train = _train_config()
