@@ -159,3 +159,46 @@ def test_score_functions():
                              0.1 * (e_i @ e_t.T / 0.05) + 0.2 * (z_i @ z_t.T), rtol=1e-5, atol=1e-4)
   bf = jax.jit(jsds.sparse_scores)(z_i.astype(jnp.bfloat16), z_t.astype(jnp.bfloat16))
   assert bf.dtype == jnp.float32                              # accumulates in float32
+
+
+def _reference_term_weights(xs, emb, bias):
+  """The head's (B, V) part by plain autodiff: what the hand-written gradient must equal."""
+  out = []
+  for x in xs:
+    logits = x @ emb.T + (0.0 if bias is None else bias)
+    out.append(jnp.log1p(jax.nn.relu(logits)))
+  return tuple(out)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_term_weights_gradient_matches_autodiff(with_bias):
+  k = jax.random.split(jax.random.key(3), 5)
+  xs = (jax.random.normal(k[0], (5, 8)), jax.random.normal(k[1], (3, 8)))
+  emb = jax.random.normal(k[2], (40, 8)) * 0.5
+  bias = jax.random.normal(k[3], (40,)) * 0.3 if with_bias else None
+  weights = jax.random.normal(k[4], (8, 40))  # a loss reading every output differently
+
+  def loss(fn, xs, emb, bias):
+    zs = fn(xs, emb, bias)
+    return sum(jnp.sum(z * weights[i:i + z.shape[0]] ** 2) for i, z in enumerate(zs))
+
+  ours = lambda xs, emb, bias: sparse_head.term_weights(xs, emb, bias, jnp.dtype(jnp.float32))
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  got = jax.grad(lambda *a: loss(ours, *a), argnums)(xs, emb, bias)
+  want = jax.grad(lambda *a: loss(_reference_term_weights, *a), argnums)(xs, emb, bias)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours(xs, emb, bias)[1], _reference_term_weights(xs, emb, bias)[1],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_scores_gradient_matches_autodiff():
+  k = jax.random.split(jax.random.key(4), 3)
+  z_i = jax.nn.relu(jax.random.normal(k[0], (4, 30)))
+  z_t = jax.nn.relu(jax.random.normal(k[1], (6, 30)))
+  target = jax.random.normal(k[2], (4, 6))
+  loss = lambda f: lambda a, b: jnp.sum(jnp.tanh(f(a, b)) * target)
+  got = jax.grad(loss(jsds.sparse_scores), (0, 1))(z_i, z_t)
+  want = jax.grad(loss(lambda a, b: a @ b.T), (0, 1))(z_i, z_t)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,135 @@
+"""Demo quality study: dense_only, d2s and jsds over several seeds, as mean ± std.
+
+  .venv/bin/python bench/demo_quality.py                       # the README's table
+  .venv/bin/python bench/demo_quality.py --aggregate_only      # re-read finished runs
+  .venv/bin/python bench/demo_quality.py --tag lam2_0 --modes jsds \
+      --override=train.loss.lam2=0                             # a diagnostic variant
+
+Each run is the main job (`python -m jsds_jax.main --config CONFIG --workdir OUT/TAG/MODE-sSEED
+--config.seed=SEED`): encode (the demo cache is reused), train, and the test table of the best
+checkpoint, saved as `test_results.json`. That is the cheapest way to get the test numbers: one
+process per run, no index / pruning curve / HTML as `jsds_jax.eval` would also build.
+d2s seed s starts from the dense_only run of seed s (`--config.train.init_from`), as the paper's
+D2S starts from a trained dense model (`lit` has no projections, so a d2s run from scratch
+would distil random tails). A run whose `test_results.json` exists is not run again.
+
+The table: text→image and image→text R@1/5/10 on the test split for each (mode, score kind),
+mean ± sample standard deviation over the seeds, plus the mean non-zeros per caption / image
+of the sparse vectors and the best step. Written to OUT/TAG/results.md (and printed) and
+OUT/TAG/results.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODES = ("dense_only", "d2s", "jsds")
+KINDS = {"dense_only": ("dense",), "d2s": ("sparse",), "jsds": ("dense", "sparse", "integrated")}
+KS = (1, 5, 10)
+
+
+def run_dir(out: pathlib.Path, tag: str, mode: str, seed: int) -> pathlib.Path:
+  return out / tag / f"{mode}-s{seed}"
+
+
+def run_one(args, mode: str, seed: int) -> pathlib.Path:
+  wd = run_dir(args.out, args.tag, mode, seed)
+  if (wd / "test_results.json").exists():
+    print(f"[skip] {wd} is done", flush=True)
+    return wd
+  cmd = [sys.executable, "-m", "jsds_jax.main", "--config", args.config, "--workdir", str(wd),
+         f"--config.seed={seed}", f"--config.train.mode={mode}",
+         "--config.train.progress=False"]
+  if mode == "d2s":
+    init = run_dir(args.out, args.init_tag or args.tag, "dense_only", seed)
+    if not (init / "test_results.json").exists():
+      raise SystemExit(f"d2s seed {seed} needs the dense_only run {init} first")
+    cmd.append(f"--config.train.init_from={init}")
+  cmd += [f"--config.{o}" for o in args.override]
+  wd.mkdir(parents=True, exist_ok=True)
+  print("[run]", " ".join(cmd), flush=True)
+  t0 = time.time()
+  with open(wd / "log.txt", "w") as log:
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  print(f"[done] {wd} rc={rc} in {time.time() - t0:.0f} s", flush=True)
+  if rc != 0:
+    raise SystemExit(f"run failed (rc={rc}); see {wd / 'log.txt'}")
+  return wd
+
+
+def _fmt(vals, digits=1) -> str:
+  m = statistics.fmean(vals)
+  s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+  return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def aggregate(out: pathlib.Path, tag: str, modes, seeds) -> str:
+  rows, raw = [], {}
+  for mode in modes:
+    res = {}
+    for seed in seeds:
+      f = run_dir(out, tag, mode, seed) / "test_results.json"
+      if f.exists():
+        res[seed] = json.loads(f.read_text())
+    if not res:
+      continue
+    best_steps = []
+    for seed in res:
+      summ = run_dir(out, tag, mode, seed) / "result.json"
+      if summ.exists():
+        best_steps.append(json.loads(summ.read_text()).get("best_step"))
+    raw[mode] = res
+    for kind in KINDS[mode]:
+      cells = [_fmt([r[kind][d][f"R@{k}"] for r in res.values()])
+               for d in ("t2i", "i2t") for k in KS]
+      if kind == "dense":
+        nnz = "–"
+      else:
+        nnz = (f"{statistics.fmean(r['nnz_text'] for r in res.values()):.0f} / "
+               f"{statistics.fmean(r['nnz_image'] for r in res.values()):.0f}")
+      steps = ",".join(str(s) for s in best_steps)
+      rows.append(f"| {mode} | {kind} | " + " | ".join(cells) + f" | {nnz} | {steps} |"
+                  + f" {len(res)} |")
+  head = ("| mode | scores | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 "
+          "| nnz caption / image | best steps | seeds |")
+  table = "\n".join([head, "|" + "---|" * 11] + rows)
+  (out / tag).mkdir(parents=True, exist_ok=True)
+  (out / tag / "results.md").write_text(table + "\n")
+  (out / tag / "results.json").write_text(json.dumps(raw, indent=1))
+  return table
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="configs/demo.py")
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/quality"))
+  p.add_argument("--tag", default="default", help="subfolder of --out for this variant")
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--override", action="append", default=[],
+                 help="extra config override without the --config. prefix, e.g. "
+                      "train.loss.lam2=0 (repeatable)")
+  p.add_argument("--init_tag", default="",
+                 help="take d2s's dense_only runs from this tag (default: --tag)")
+  p.add_argument("--aggregate_only", action="store_true")
+  args = p.parse_args()
+  args.out = args.out.expanduser().absolute()
+  modes = [m for m in args.modes.split(",") if m]
+  seeds = [int(s) for s in args.seeds.split(",") if s]
+  if not args.aggregate_only:
+    # dense_only first: d2s starts from it.
+    for mode in sorted(modes, key=lambda m: MODES.index(m)):
+      for seed in seeds:
+        run_one(args, mode, seed)
+  print(aggregate(args.out, args.tag, modes, seeds))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("PYTHONUNBUFFERED", "1")
+  main()
