@@ -175,8 +175,11 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   if kind == "text" and settings.last_block:
     names.append("text_attention_mask")
 
-  done = [k for k in range(num_chunks)
-          if all(feature_cache.part_path(out_dir, nm, k).exists() for nm in names)]
+  # A chunk is done when every file it writes is there (a kill between two renames leaves it
+  # to be redone; the image chunks' list of bad images is written last).
+  chunk_files = lambda k: [feature_cache.part_path(out_dir, nm, k) for nm in names] + (
+      [_bad_images_path(out_dir, k)] if kind == "image" else [])
+  done = [k for k in range(num_chunks) if all(f.exists() for f in chunk_files(k))]
   bar = tqdm.tqdm(total=n, desc=f"{split.dataset}/{split.split} {kind}s", unit=kind[:3] if
                   kind == "text" else "img", disable=not progress, dynamic_ncols=True)
   bar.update(sum(min(chunk, n - k * chunk) for k in done))
@@ -209,11 +212,15 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
         feature_cache.atomic_save_npy(feature_cache.part_path(out_dir, nm, k),
                                       np.concatenate(outs[nm]))
       if kind == "image":
-        feature_cache.atomic_write_json(out_dir / f"bad_images.part-{k:05d}.json", bad)
+        feature_cache.atomic_write_json(_bad_images_path(out_dir, k), bad)
       if on_chunk is not None:
         on_chunk(kind, k)
   bar.close()
   return num_chunks
+
+
+def _bad_images_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:
+  return out_dir / f"bad_images.part-{chunk:05d}.json"
 
 
 def _collect(pending, outs, names, kind) -> None:
@@ -263,7 +270,7 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
               n_img_chunks: int, n_txt_chunks: int, seconds: float) -> dict[str, Any]:
   """Joins the chunks, drops images that failed to decode (when skipping), writes meta last."""
   bad = sorted(i for k in range(n_img_chunks) for i in json.loads(
-      (out_dir / f"bad_images.part-{k:05d}.json").read_text()))
+      _bad_images_path(out_dir, k).read_text()))
   arrays = {}
   for name in ["image_pooled", "image_last_block_input"]:
     if feature_cache.part_path(out_dir, name, 0).exists():
