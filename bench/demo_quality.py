@@ -38,9 +38,24 @@ def run_dir(out: pathlib.Path, tag: str, mode: str, seed: int) -> pathlib.Path:
   return out / tag / f"{mode}-s{seed}"
 
 
+def _from_report(wd: pathlib.Path) -> bool:
+  """Writes test_results.json from eval/report.json (`jsds_jax.eval`'s layout) if only that exists."""
+  rep = wd / "eval" / "report.json"
+  if (wd / "test_results.json").exists() or not rep.exists():
+    return (wd / "test_results.json").exists()
+  r = json.loads(rep.read_text())
+  res = {"split": r["split"]["name"] if isinstance(r["split"], dict) else r["split"]}
+  for kind in ("dense", "sparse", "integrated"):
+    res[kind] = {d: r[d][kind] for d in ("t2i", "i2t")}
+  res.update(nnz_text=r["sparsity"]["caption_nnz"], nnz_image=r["sparsity"]["image_nnz"],
+             flops=r["sparsity"]["flops"])
+  (wd / "test_results.json").write_text(json.dumps(res, indent=1))
+  return True
+
+
 def run_one(args, mode: str, seed: int) -> pathlib.Path:
   wd = run_dir(args.out, args.tag, mode, seed)
-  if (wd / "test_results.json").exists():
+  if _from_report(wd):
     print(f"[skip] {wd} is done", flush=True)
     return wd
   cmd = [sys.executable, "-m", "jsds_jax.main", "--config", args.config, "--workdir", str(wd),
@@ -48,7 +63,7 @@ def run_one(args, mode: str, seed: int) -> pathlib.Path:
          "--config.train.progress=False"]
   if mode == "d2s":
     init = run_dir(args.out, args.init_tag or args.tag, "dense_only", seed)
-    if not (init / "test_results.json").exists():
+    if not _from_report(init):
       raise SystemExit(f"d2s seed {seed} needs the dense_only run {init} first")
     cmd.append(f"--config.train.init_from={init}")
   cmd += [f"--config.{o}" for o in args.override]
@@ -58,8 +73,8 @@ def run_one(args, mode: str, seed: int) -> pathlib.Path:
   with open(wd / "log.txt", "w") as log:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   print(f"[done] {wd} rc={rc} in {time.time() - t0:.0f} s", flush=True)
-  if rc != 0:
-    raise SystemExit(f"run failed (rc={rc}); see {wd / 'log.txt'}")
+  if rc != 0 or not _from_report(wd):
+    raise SystemExit(f"run failed (rc={rc}) or left no test results; see {wd / 'log.txt'}")
   return wd
 
 

@@ -23,8 +23,15 @@ Seismic's batch_search num_threads=1 (only the Seismic index build uses all core
   .venv/bin/python bench/retrieval.py --stats-from runs/demo/sparse_stats.json
 
 `--stats-from` reads a JSON object with "doc_nnz_mean" and "query_nnz_mean" (and optionally
-"zipf_exponent", "vocab_size"), e.g. the statistics of a trained model's vectors; flags given on
-the command line win over the file.
+"zipf_exponent", "vocab_size"), e.g. the statistics of a trained model's vectors, or the
+report.json that `python -m jsds_jax.eval` writes: its "sparsity" section gives
+query_nnz_mean = caption_nnz and doc_nnz_mean = image_nnz (caption queries, image documents),
+and when the eval's index/ (the image vectors) lies beside it, the synthetic collection takes
+the trained vectors' per-term presence profile and weight distribution
+(`synthetic.fit_profile`) instead of the Zipf law and log1p(Exp(1)) (`--profile zipf` keeps
+those). Flags given on the command line win over the file.
+
+  .venv/bin/python bench/retrieval.py --stats-from runs/demo/eval/report.json
 """
 
 import os
@@ -72,6 +79,9 @@ def _parse(argv):
   p.add_argument("--vocab", type=int, help=f"vocabulary size (default {DEFAULTS['vocab_size']})")
   p.add_argument("--stats-from", type=pathlib.Path,
                  help="JSON with doc_nnz_mean, query_nnz_mean[, zipf_exponent, vocab_size]")
+  p.add_argument("--profile", choices=["auto", "zipf", "fitted"], default="auto",
+                 help="term presence and weight laws: fitted from the eval index beside "
+                 "--stats-from's report.json (auto: when there is one), or Zipf + log1p(Exp(1))")
   p.add_argument("--quantization", default="uint8", choices=["uint8", "uint16", "float32"])
   p.add_argument("--dense-df-fraction", type=float, default=0.1,
                  help="exact index: terms in >= this fraction of docs become dense rows "
@@ -85,6 +95,9 @@ def _parse(argv):
                  help="threads for building the Seismic index only (0: all cores); "
                  "its searches use one")
   p.add_argument("--no-seismic", action="store_true")
+  p.add_argument("--seismic-max-docs", type=int, default=None,
+                 help="skip Seismic above this many documents (its build is slow on dense-ish "
+                 "vectors)")
   p.add_argument("--no-numpy-taat", action="store_true",
                  help="skip the pure-numpy scoring of the exact index's arrays")
   p.add_argument("--numpy-taat-queries", type=int, default=50)
@@ -95,16 +108,45 @@ def _parse(argv):
 
 
 def _stats(args) -> dict:
+  """The generator's statistics; "presence" / "weight_quantiles" arrays when fitted."""
   stats = dict(DEFAULTS)
   if args.stats_from:
     loaded = json.loads(args.stats_from.read_text())
+    if "sparsity" in loaded:  # An eval report.json: caption queries against image documents.
+      loaded = dict(doc_nnz_mean=loaded["sparsity"]["image_nnz"],
+                    query_nnz_mean=loaded["sparsity"]["caption_nnz"])
     stats.update({k: loaded[k] for k in DEFAULTS if k in loaded})
+    index_dir = args.stats_from.parent / "index"
+    if args.profile == "fitted" or (args.profile == "auto" and index_dir.is_dir()):
+      trained = exact.ExactIndex.load(index_dir)
+      fit = synthetic.fit_profile(trained.dequantized())
+      stats.update(presence=fit["presence"], weight_quantiles=fit["weight_quantiles"],
+                   vocab_size=trained.vocab_size,
+                   fitted_from=dict(path=str(index_dir), num_vectors=trained.num_docs,
+                                    nnz_mean=fit["nnz_mean"],
+                                    active_terms=int((fit["presence"] > 0).sum()),
+                                    terms_in_every_vector=int((fit["presence"] >= 1).sum()),
+                                    weight_quantiles_5=[float(fit["weight_quantiles"][i])
+                                                        for i in (0, 250, 500, 750, 1000)]))
+  elif args.profile == "fitted":
+    raise SystemExit("--profile fitted needs --stats-from an eval report.json with index/")
   for key, flag in (("doc_nnz_mean", args.doc_nnz), ("query_nnz_mean", args.query_nnz),
                     ("zipf_exponent", args.zipf), ("vocab_size", args.vocab)):
     if flag is not None:
       stats[key] = flag
   stats["vocab_size"] = int(stats["vocab_size"])
   return stats
+
+
+def _printable(stats: dict) -> dict:
+  return {k: v for k, v in stats.items() if k not in ("presence", "weight_quantiles")}
+
+
+def _generate(num_rows: int, mean_nnz: float, stats: dict, seed: int):
+  return synthetic.random_sparse(num_rows, stats["vocab_size"], mean_nnz,
+                                 stats["zipf_exponent"], seed=seed,
+                                 presence=stats.get("presence"),
+                                 weight_quantiles=stats.get("weight_quantiles"))
 
 
 def _latencies(search, queries) -> tuple[np.ndarray, list]:
@@ -180,10 +222,8 @@ def bench_size(n: int, args, stats: dict, workdir: pathlib.Path) -> list[dict]:
   rng = np.random.default_rng(args.seed + n)
   num_queries = args.queries_large if n >= args.large else args.queries
   vocab, k = stats["vocab_size"], args.k
-  docs, gen_s = _timed(lambda: synthetic.random_sparse(
-      n, vocab, stats["doc_nnz_mean"], stats["zipf_exponent"], seed=args.seed + n))
-  queries = synthetic.random_sparse(num_queries, vocab, stats["query_nnz_mean"],
-                                    stats["zipf_exponent"], seed=args.seed + n + 1).tocsr()
+  docs, gen_s = _timed(lambda: _generate(n, stats["doc_nnz_mean"], stats, args.seed + n))
+  queries = _generate(num_queries, stats["query_nnz_mean"], stats, args.seed + n + 1).tocsr()
   dense_queries = queries.toarray()
   print(f"\n[{n} docs] generated in {gen_s:.1f}s: {docs.nnz / n:.1f} nnz/doc, "
         f"{queries.nnz / num_queries:.1f} nnz/query", flush=True)
@@ -208,7 +248,9 @@ def bench_size(n: int, args, stats: dict, workdir: pathlib.Path) -> list[dict]:
                      _dir_mb(path), recall))
   del index
 
-  if not args.no_seismic:
+  if not args.no_seismic and args.seismic_max_docs is not None and n > args.seismic_max_docs:
+    print(f"  seismic skipped: {n} > --seismic-max-docs {args.seismic_max_docs}")
+  elif not args.no_seismic:
     from jsds_jax.index import seismic_backend
     try:
       csr = docs.tocsr()
@@ -279,7 +321,7 @@ def main(argv=None):
   args = _parse(argv)
   stats = _stats(args)
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"stats: {stats}; k={args.k}; quantization={args.quantization}; "
+  print(f"stats: {_printable(stats)}; k={args.k}; quantization={args.quantization}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average {load:.2f} at start", flush=True)
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="jsds-bench-retrieval-"))
@@ -288,6 +330,10 @@ def main(argv=None):
   try:
     for n in args.sizes:
       rows += bench_size(n, args, stats, workdir)
+      print(_table([r for r in rows if r["docs"] == n], args.k), flush=True)
+      if args.json_out:  # After every size, so that a later size's failure loses nothing.
+        args.json_out.write_text(json.dumps(
+            dict(stats=_printable(stats), args=sys.argv[1:], rows=rows), indent=2))
       shutil.rmtree(workdir)
       workdir.mkdir()
   finally:
@@ -296,7 +342,7 @@ def main(argv=None):
   print(f"\ntotal {time.perf_counter() - t0:.0f}s; load average {load:.2f} at end\n")
   print(_table(rows, args.k))
   if args.json_out:
-    args.json_out.write_text(json.dumps(dict(stats=stats, rows=rows), indent=2))
+    args.json_out.write_text(json.dumps(dict(stats=_printable(stats), args=sys.argv[1:], rows=rows), indent=2))
 
 
 if __name__ == "__main__":

@@ -283,3 +283,23 @@ def test_seismic_recall_and_round_trip(tmp_path, docs, queries):
     loaded.search(np.ones(30522, np.float32), 5)
   with pytest.raises(ji.IndexFormatError, match="not 'exact'"):
     ji.ExactIndex.load(path)
+
+
+def test_synthetic_fitted_profile():
+  """`fit_profile` of one collection drives `random_sparse` to the same statistics."""
+  trained = synthetic.random_sparse(2000, 500, mean_nnz=60, exponent=1.2, seed=4)
+  fit = synthetic.fit_profile(trained)
+  assert abs(fit["nnz_mean"] - trained.nnz / 2000) < 1e-9
+  assert np.all(np.diff(fit["presence"]) <= 0) and fit["presence"].sum() == pytest.approx(
+      fit["nnz_mean"])
+  a = synthetic.random_sparse(3000, 500, mean_nnz=fit["nnz_mean"], seed=5,
+                              presence=fit["presence"],
+                              weight_quantiles=fit["weight_quantiles"])
+  assert abs(a.nnz / 3000 - fit["nnz_mean"]) < 1.0
+  q = fit["weight_quantiles"]
+  assert a.data.min() > 0 and a.data.max() <= q[-1] + 1e-6
+  assert np.median(a.data) == pytest.approx(q[len(q) // 2], rel=0.05)
+  # Rescaled to fewer non-zeros: the mean follows, always-present terms stay capped at 1.
+  b = synthetic.random_sparse(3000, 500, mean_nnz=20, seed=6, presence=fit["presence"])
+  assert abs(b.nnz / 3000 - 20) < 1.0
+  np.testing.assert_allclose(synthetic.scale_presence(fit["presence"], 20).sum(), 20)

@@ -149,11 +149,11 @@ class ExactIndex(base.SparseIndex):
     del csc
     # Weights that round to 0 score nothing: drop them before counting document frequencies.
     keep = weights != 0
-    kept_before = np.zeros(len(keep) + 1, np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    df = np.diff(kept_before[indptr])
+    if len(keep):  # Kept postings per term; reduceat reads an empty term's first entry.
+      starts = np.minimum(indptr[:-1], len(keep) - 1)
+      df = np.where(df > 0, np.add.reduceat(keep, starts, dtype=np.int64), 0)
     doc_ids, weights = doc_ids[keep], weights[keep]
-    del keep, kept_before
+    del keep
     offsets = np.zeros(vocab_size + 1, np.int64)
     np.cumsum(df, out=offsets[1:])
 

@@ -49,7 +49,11 @@ def to_sparse(x, *, layout: str = "csr", name: str = "docs"):
   """
   kind = {"csr": sp.csr_matrix, "csc": sp.csc_matrix}[layout]
   if sp.issparse(x):
-    m = kind(x, dtype=np.float32, copy=True)
+    # Already canonical float32 in this layout: share its arrays instead of copying them
+    # (1M documents x 600 non-zeros is ~5 GB); nothing below writes into a canonical matrix.
+    shared = (x.format == layout and x.dtype == np.float32 and x.has_canonical_format
+              and not np.any(x.data == 0))
+    m = kind(x, dtype=np.float32, copy=not shared)
   else:
     a = np.asarray(x)
     if a.ndim != 2:

@@ -49,8 +49,12 @@ def quantize(values: np.ndarray, value_scales: np.ndarray, dtype: str) -> np.nda
   if dtype == "float32":
     return values.astype(np.float32)
   top = np.iinfo(DTYPES[dtype]).max
-  q = np.rint(values.astype(np.float64) / value_scales.astype(np.float64))
-  return np.clip(q, 0, top).astype(DTYPES[dtype])
+  out = np.empty(values.shape, DTYPES[dtype])
+  chunk = 1 << 24  # Bounds the float64 temporaries (600M postings would need ~14 GB at once).
+  for a in range(0, values.shape[0], chunk):
+    q = np.rint(values[a:a + chunk].astype(np.float64) / value_scales[a:a + chunk])
+    out[a:a + chunk] = np.clip(q, 0, top)
+  return out
 
 
 def score_error_bound(query: np.ndarray, scales: np.ndarray, dtype: str) -> np.ndarray:
