@@ -52,7 +52,7 @@ PARAMS, TRAIN_STATE, METADATA, PROGRESS = "params", "train_state", "metadata", "
 # feature cache): the tail's shapes, the inputs it was trained on, and what fixes the data order.
 RESUME_KEYS = ("backbone", "weights_hash", "dataset", "image_dim", "text_dim", "embed_dim",
                "vocab_size", "word_dim", "use_bias", "use_vocab_bias", "mode", "batch_size",
-               "steps_per_epoch", "seed")
+               "steps_per_epoch", "seed", "features_layout")
 TAIL_KEYS = ("backbone", "weights_hash", "image_dim", "text_dim")
 
 
@@ -182,7 +182,12 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m["score"], best_mode="max",
             keep_checkpoints_without_metrics=False,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            # Its own barrier names: multi-process saves of the same step by both managers
+            # (the last step is validated and checkpointed) would otherwise share Orbax's
+            # "async_write_complete.<step>" barrier and fail.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")))
 
   def step_dir(self, step: int, best: bool = False) -> pathlib.Path:
     return pathlib.Path(self.workdir / (BEST if best else CHECKPOINTS) / str(step))

@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
   # The loop (jsds_jax/train.py) and its checkpoints (jsds_jax/checkpoint.py).
   c.train.features = ""           # a dataset's cache folder (<root>/<backbone>-<key>/<dataset>)
                                   # to train from as it is; "" = encode this config's (or reuse)
+  # How the train features sit on the devices (jsds_jax/input_pipeline.py): "replicated" (whole
+  # cache on every device), "sharded" (one shard per device; each process reads only its rows;
+  # the batches depend on the device count), "auto" = replicated for one process, sharded for
+  # several. A resumed run must keep the same layout (and, sharded, the same device count).
+  c.train.features_layout = "auto"
   c.train.init_from = ""          # start from another run's params (a workdir or step dir;
                                   # e.g. d2s from a dense_only run); a resumed run ignores it
   c.train.val_split = "val"       # validated on, for the best checkpoint and early stopping

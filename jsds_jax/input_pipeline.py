@@ -26,8 +26,9 @@ SeedSequence([seed, epoch]), so a run resumed at data position (epoch, step_in_e
 exactly the batches it would have seen (numpy keeps Generator streams stable within a release;
 a numpy upgrade mid-run may change the order after a resume, not its properties).
 
-Two layouts. "replicated" (above) is the single-host default. "sharded" is for multi-process
-runs, where each process must read only its part of the cache: `shard_layout` assigns every
+Two layouts (`train.features_layout`). "replicated" (above) is the single-process default.
+"sharded" is the multi-process default, where each process must read only its part of the cache
+(a single process can run it too, for the very batches of a multi-process run): `shard_layout` assigns every
 image, with all its captions, to one of the mesh's n devices (a fixed seeded permutation, dealt
 round-robin, so shards differ by at most one image); device d holds only shard d's rows, padded
 to a common length, as one block of a globally sharded array (`PartitionSpec('data')`), and each

@@ -87,6 +87,17 @@ def feature_dirs(config: ml_collections.ConfigDict,
   return encode.encode(config, splits=list(splits), progress=config.train.progress)
 
 
+def features_layout(setting: str) -> str:
+  """`train.features_layout` resolved: "replicated" or "sharded" ("auto": sharded when the run
+  has several processes, so that each reads only its rows of the cache)."""
+  if setting == "auto":
+    return "sharded" if jax.process_count() > 1 else "replicated"
+  if setting not in ("replicated", "sharded"):
+    raise ValueError(f"train.features_layout must be 'auto', 'replicated' or 'sharded', got "
+                     f"{setting!r}")
+  return setting
+
+
 def tail_init_file(cache_dir: str | os.PathLike) -> pathlib.Path:
   """`tail_init.safetensors` of a split's cache: two levels up, beside the datasets."""
   return pathlib.Path(cache_dir).parent.parent / feature_cache.TAIL_INIT
@@ -430,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   cap_img = np.asarray(train_cache["caption_image_index"])
   image_dim = train_cache["image_pooled"].shape[1]
   text_dim = train_cache["text_pooled"].shape[1]
-  if jax.process_count() > 1:
+  layout_name = features_layout(tc.features_layout)
+  if layout_name == "sharded":
     # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
     features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh)
     steps_per_epoch = layout.steps_per_epoch(tc.batch_size)
@@ -447,6 +459,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   metadata = checkpoint.make_metadata(config, module, train_cache["meta"], image_dim=image_dim,
                                       text_dim=text_dim, steps_per_epoch=steps_per_epoch,
                                       total_steps=total_steps)
+  # What fixes the batches besides the seed: a checkpoint resumes only under the same value
+  # (checkpoint.RESUME_KEYS); the sharded order also depends on the device count.
+  metadata["features_layout"] = (f"sharded/{mesh.size}" if layout_name == "sharded"
+                                 else "replicated")
   if tc.init_from:
     params = _params_from(tc.init_from, params, metadata)
   tx = optim.make_optimizer(tc, total_steps)

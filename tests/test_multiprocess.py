@@ -1,15 +1,17 @@
-"""Two real processes on 127.0.0.1 (JAX's distributed runtime, CPU, 2 fake devices each).
+"""Two real `python -m jsds_jax.train` processes on 127.0.0.1 (JAX's distributed runtime, CPU,
+2 fake devices each), and the sharded feature layout they train with.
 
-What runs: tests/multiprocess_driver.py, as subprocesses with their own XLA_FLAGS (this pytest
-process's 4 fake devices are not theirs). Checked: 2 processes × 2 devices train to the same
-params as 1 process × 4 devices on the same global batches (the sharded layout, each process
-reading only its rows, against the replicated one); the collective Orbax checkpoint restores in
-a single process; a SIGKILLed process makes its peer exit non-zero with the runtime's error
-within a bounded time, and rerunning the same command resumes from the last checkpoint to the
-same params as an uninterrupted run.
+The real-process test runs the training binary as subprocesses with their own XLA_FLAGS (this
+pytest process's 4 fake devices are not theirs). Checked: 2 processes × 2 devices end with the
+params of 1 process × 4 devices running the same sharded layout
+(`--config.train.features_layout=sharded`: the same global batches); their collective Orbax
+checkpoint is read back in this single process (`checkpoint.load_params`); a SIGKILLed process
+makes its peer exit non-zero with the runtime's error within a bounded time; rerunning the same
+command resumes from the last checkpoint and ends with those same params.
 """
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -22,120 +24,61 @@ import jax
 import numpy as np
 import pytest
 
+from jsds_jax import checkpoint
 from jsds_jax import distributed
 from jsds_jax import input_pipeline
 from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 
-DRIVER = pathlib.Path(__file__).with_name("multiprocess_driver.py")
-REPO = DRIVER.parent.parent
-N_IMG, D_IMG, D_TXT = 37, 12, 10
+REPO = pathlib.Path(__file__).resolve().parents[1]
+N_IMG, D_IMG, D_TXT, EMBED, VOCAB, WORD_DIM = 37, 12, 10, 16, 64, 16
 HEARTBEAT_S = 10  # short, so the failure test is quick; CPU contention must not trip it
-KILL_BOUND_S = 60
+KILL_BOUND_S = 45  # heartbeat timeout + the runtime's polling + a loaded 2-core machine
+# 37 images over 4 devices: shards of 10, 9, 9, 9 images, batch 8 = 2 per shard, 4 steps an
+# epoch. Checkpoints every 4 steps; validation only at the end (eval_every_epochs=0).
+EPOCHS = 12
+STEPS = EPOCHS * 4
+TRAIN_FLAGS = dict(num_epochs=EPOCHS, batch_size=8, checkpoint_every=4, keep_checkpoints=2,
+                   log_every=4, eval_every_epochs=0, patience=0, progress=False)
 
 
-def _write_cache(directory: pathlib.Path) -> pathlib.Path:
-  """A synthetic [CLS] cache: 37 images with 1 to 3 captions each (uneven shards)."""
-  rng = np.random.default_rng(0)
-  counts = rng.integers(1, 4, size=N_IMG)
-  cap_img = rng.permutation(np.repeat(np.arange(N_IMG), counts))
-  arrays = {"image_pooled": rng.normal(size=(N_IMG, D_IMG)).astype(np.float32),
-            "text_pooled": rng.normal(size=(cap_img.size, D_TXT)).astype(np.float32),
+def _write_cache(directory: pathlib.Path, n_img: int = N_IMG, seed: int = 0) -> pathlib.Path:
+  """A synthetic finished [CLS] cache, as `encode` writes it: n_img images with 1 to 3
+  captions each (uneven shards); captions are noisy linear images of their pictures."""
+  rng = np.random.default_rng(seed)
+  counts = rng.integers(1, 4, size=n_img)
+  cap_img = rng.permutation(np.repeat(np.arange(n_img), counts))
+  image = rng.normal(size=(n_img, D_IMG)).astype(np.float32)
+  mix = np.random.default_rng(99).normal(size=(D_IMG, D_TXT)).astype(np.float32)
+  text = (image[cap_img] @ mix / np.sqrt(D_IMG)
+          + 0.5 * rng.normal(size=(cap_img.size, D_TXT))).astype(np.float32)
+  arrays = {"image_pooled": image, "text_pooled": text,
             "caption_image_index": cap_img.astype(np.int64)}
   directory.mkdir(parents=True, exist_ok=True)
   for name, arr in arrays.items():
     feature_cache.atomic_save_npy(directory / f"{name}.npy", arr)
-  feature_cache.atomic_write_json(directory / feature_cache.ITEMS, {})
-  feature_cache.atomic_write_json(directory / feature_cache.META, {"arrays": {
-      k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
+  feature_cache.atomic_write_json(directory / feature_cache.ITEMS, {
+      "image_ids": list(range(n_img)), "image_sources": [""] * n_img,
+      "captions": [f"caption {i}" for i in range(cap_img.size)]})
+  feature_cache.atomic_write_json(directory / feature_cache.META, {
+      "backbone": "fake", "weights_hash": "f" * 64, "dataset": "fake", "split": directory.name,
+      "num_images": n_img, "num_captions": int(cap_img.size),
+      "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
   return directory
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-# Set by the `cache` fixture: a persistent compilation cache shared by every subprocess of this
-# file, so that reruns (the resumed run, the second test's processes) skip XLA compiles.
-_JAX_CACHE: list[str] = []
-
-
-def _env(devices: int, **extra) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
-  if _JAX_CACHE:
-    env.update(JAX_COMPILATION_CACHE_DIR=_JAX_CACHE[0],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
-
-
-def _launch(workdir: pathlib.Path, cache: pathlib.Path, *args: str) -> list[subprocess.Popen]:
-  """Starts the 2 processes of one run; their output goes to workdir/log.<id>."""
-  port = _free_port()
-  procs = []
-  workdir.mkdir(parents=True, exist_ok=True)
-  for pid in range(2):
-    env = _env(2, JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JSDS_NUM_PROCESSES="2",
-               JSDS_PROCESS_ID=str(pid), JSDS_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-               JSDS_INIT_TIMEOUT_S="60")
-    log = open(workdir / f"log.{pid}", "a")
-    procs.append(subprocess.Popen(
-        [sys.executable, str(DRIVER), "train", "--cache", str(cache), "--workdir", str(workdir),
-         *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    log.close()
-  return procs
-
-
-def _wait_all(procs, workdir, timeout=90):
-  deadline = time.monotonic() + timeout
-  try:
-    for p in procs:
-      p.wait(timeout=max(1.0, deadline - time.monotonic()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for pid, p in enumerate(procs):
-    assert p.returncode == 0, _log(workdir, pid)
-
-
-def _log(workdir, pid) -> str:
-  text = (workdir / f"log.{pid}").read_text()
-  return f"process {pid} log:\n{text[-3000:]}"
-
-
-def _start_reference(cache, out, log_dir, *args: str) -> subprocess.Popen:
-  """Starts the one-process, 4-device reference run; its output goes to log_dir/log.ref."""
-  log_dir.mkdir(parents=True, exist_ok=True)
-  with open(log_dir / "log.ref", "w") as log:
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), "reference", "--cache", str(cache), "--out", str(out),
-         *args], env=_env(4), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_reference(proc, out, log_dir, timeout=120):
-  try:
-    rc = proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert rc == 0, (log_dir / "log.ref").read_text()[-3000:]
-  return dict(np.load(out))
-
-
-def _assert_close(got: dict, ref: dict, prefix: str, tol=1e-5):
-  ref = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
-  assert set(got) == set(ref) and ref
-  diffs = {k: float(np.max(np.abs(got[k] - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-30))
-           for k in ref}
-  assert max(diffs.values()) <= tol, diffs
+def _write_features(root: pathlib.Path) -> pathlib.Path:
+  """A `train.features` folder: train (37 images) and val (8) caches, tail_init beside them
+  (a 64-word vocabulary keeps steps and checkpoints small)."""
+  _write_cache(root / "train")
+  _write_cache(root / "val", n_img=8, seed=1)
+  rng = np.random.default_rng(2)
+  proj = lambda d: (rng.normal(size=(d, EMBED)) / np.sqrt(d)).astype(np.float32)
+  feature_cache.save_tail_init(root.parent / feature_cache.TAIL_INIT, {
+      "word_embeddings": (rng.normal(size=(VOCAB, WORD_DIM)) * 0.1).astype(np.float32),
+      "image_proj.kernel": proj(D_IMG), "image_proj.bias": np.zeros(EMBED, np.float32),
+      "text_proj.kernel": proj(D_TXT), "text_proj.bias": np.zeros(EMBED, np.float32)})
+  return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,92 +184,176 @@ def test_plan_from_env_errors(env, match):
     distributed.plan_from_env(env)
 
 
+def test_features_layout_setting():
+  from jsds_jax import train  # pylint: disable=g-import-not-at-top
+  assert train.features_layout("auto") == "replicated"  # one process here
+  assert train.features_layout("sharded") == "sharded"
+  with pytest.raises(ValueError, match="features_layout"):
+    train.features_layout("striped")
+
+
+def _tiny_config(features, **overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for k, v in {"features": str(features), **TRAIN_FLAGS, **overrides}.items():
+    config.train[k] = v
+  return config
+
+
 # ---------------------------------------------------------------------------------------------
-# Real processes.
+# Real processes: the training binary.
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  _JAX_CACHE[:] = [str(tmp_path_factory.mktemp("jax_cache"))]
-  yield _write_cache(tmp_path_factory.mktemp("cache") / "train")
-  _JAX_CACHE.clear()
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_and_checkpoint_restores(cache, tmp_path):
-  run = tmp_path / "run"
-  # The reference trains meanwhile, then restores the run's checkpoint once it is finished.
-  ref_proc = _start_reference(cache, tmp_path / "ref.npz", tmp_path, "--restore", str(run),
-                              "--wait_for", str(run / "params.npz"))
+def _env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+             # A persistent compilation cache shared by every subprocess of this file: the
+             # rerun after the kill skips XLA compiles.
+             JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+  return env
+
+
+def _train_cmd(features: pathlib.Path, workdir: pathlib.Path, **overrides) -> list[str]:
+  flags = {"features": features, **TRAIN_FLAGS, **overrides}
+  return [sys.executable, "-m", "jsds_jax.train", "--config", str(REPO / "configs/tiny.py"),
+          "--workdir", str(workdir), *(f"--config.train.{k}={v}" for k, v in flags.items())]
+
+
+def _launch(features, workdir, jax_cache) -> list[subprocess.Popen]:
+  """Starts the 2 processes of one run (2 devices each); output goes to workdir/log.<id>."""
+  port = _free_port()
+  workdir.mkdir(parents=True, exist_ok=True)
+  procs = []
+  for pid in range(2):
+    env = _env(2, jax_cache, JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(pid),
+               JSDS_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), JSDS_INIT_TIMEOUT_S="60",
+               JSDS_SHUTDOWN_TIMEOUT_S="60")
+    with open(workdir / f"log.{pid}", "a") as log:
+      procs.append(subprocess.Popen(_train_cmd(features, workdir), env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=REPO))
+  return procs
+
+
+def _log(path: pathlib.Path) -> str:
+  return f"{path}:\n{path.read_text()[-3000:] if path.exists() else '(none)'}"
+
+
+def _wait(procs, logs, timeout):
+  """Waits for every process; kills what is left at the deadline; asserts exit status 0."""
+  deadline = time.monotonic() + timeout
   try:
-    _wait_all(_launch(run, cache, "--stop_at", "3"), run)
-  except BaseException:
-    ref_proc.kill()
-    ref_proc.wait()
-    raise
-  ref = _wait_reference(ref_proc, tmp_path / "ref.npz", tmp_path)
-  result = json.loads((run / "result.json").read_text())
-  assert result["process_count"] == 2 and result["devices"] == 4 and result["step"] == 3
-  # Each device holds one shard: ceil(37 / 4) image rows, not all 37.
-  assert result["features_per_device"] == 10 and result["images"] == N_IMG
-  got = dict(np.load(run / "params.npz"))
-  _assert_close(got, ref, "step3/")
-  moved = {k: float(np.max(np.abs(got[k] - ref["step1/" + k]))) for k in got}
-  assert min(moved.values()) > 0, moved  # steps 2 and 3 changed every param
-  # The checkpoint written by two processes, restored in one: the very same numbers.
-  restored = {k[len("restored/"):]: v for k, v in ref.items() if k.startswith("restored/")}
-  for k, v in got.items():
-    np.testing.assert_array_equal(restored[k], v, err_msg=k)
-  assert int(ref["restored_step"]) == 3
-  assert list(ref["restored_position"]) == [0, 3]
-
-
-@pytest.mark.slow
-def test_sigkill_fails_fast_and_rerun_resumes(cache, tmp_path):
-  run = tmp_path / "run"
-  # The reference meanwhile: it shares the 2 cores, but the kill window below is long.
-  ref_out = tmp_path / "ref.npz"
-  ref_proc = _start_reference(cache, ref_out, tmp_path)
-  try:
-    rc, took = _kill_one_mid_run(run, cache)
-    log0 = (run / "log.0").read_text()
-    assert rc != 0, log0[-2000:]
-    assert took < KILL_BOUND_S, f"survivor took {took:.0f} s to exit"
-    assert "another task died" in log0 or "unhealthy" in log0, log0[-2000:]
-    assert "step 6 " not in log0
-    # The same command again resumes from the last complete checkpoint and finishes.
-    (run / "log.0").rename(run / "log.0.killed")
-    (run / "log.1").rename(run / "log.1.killed")
-    _wait_all(_launch(run, cache, "--stop_at", "6"), run)
-    result = json.loads((run / "result.json").read_text())
-    assert result["resumed_from"] is not None and result["resumed_from"] >= 2, result
-    assert result["step"] == 6
-    ref = _wait_reference(ref_proc, ref_out, tmp_path)
-  finally:
-    if ref_proc.poll() is None:
-      ref_proc.kill()
-      ref_proc.wait()
-  _assert_close(dict(np.load(run / "params.npz")), ref, "step6/")
-  print(f"survivor exited with {rc} {took:.1f} s after the kill; resumed from step "
-        f"{result['resumed_from']}")
-
-
-def _kill_one_mid_run(run, cache) -> tuple[int, float]:
-  """Starts a 6-step run, SIGKILLs process 1 once step 2 is checkpointed; returns process 0's
-  exit status and the seconds it took to exit after the kill."""
-  procs = _launch(run, cache, "--stop_at", "6", "--step_sleep", "1")
-  try:
-    deadline = time.monotonic() + 90
-    while not (run / "ckpt" / "2").is_dir():
-      assert time.monotonic() < deadline, _log(run, 0)
-      assert all(p.poll() is None for p in procs), _log(run, 0) + _log(run, 1)
-      time.sleep(0.2)
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    rc = procs[0].wait(timeout=KILL_BOUND_S + 30)
-    return rc, time.monotonic() - killed_at
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, _log(log)
+
+
+def _latest_checkpoint(workdir: pathlib.Path) -> int:
+  d = workdir / "checkpoints"
+  return max((int(p.name) for p in d.iterdir() if p.name.isdigit()), default=0) if d.is_dir() else 0
+
+
+def _assert_close(got, ref, tol=1e-5):
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+  assert set(flat_got) == set(flat_ref) and flat_ref
+  diffs = {jax.tree_util.keystr(k): float(np.max(np.abs(flat_got[k] - v))
+                                          / max(float(np.max(np.abs(v))), 1e-30))
+           for k, v in flat_ref.items()}
+  assert max(diffs.values()) <= tol, diffs
+  return max(diffs.values())
+
+
+@pytest.mark.slow
+def test_two_train_processes_match_one_survive_a_kill_and_resume(tmp_path, caplog):
+  features = _write_features(tmp_path / "features" / "fake-0123" / "fake")
+  jax_cache = tmp_path / "jax_cache"
+  run, ref_dir = tmp_path / "run", tmp_path / "ref"
+  # The reference: one process × 4 devices, the same sharded layout (the same batches); it
+  # trains while the two processes run.
+  ref_dir.mkdir()
+  with open(ref_dir / "log", "w") as log:
+    ref_proc = subprocess.Popen(
+        _train_cmd(features, ref_dir, features_layout="sharded"), env=_env(4, jax_cache),
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+  procs = _launch(features, run, jax_cache)
+  try:
+    # 1. SIGKILL process 1 once a checkpoint is on disk; process 0 must exit, non-zero, soon.
+    deadline = time.monotonic() + 120
+    while _latest_checkpoint(run) < 8:
+      assert time.monotonic() < deadline, _log(run / "log.0")
+      assert all(p.poll() is None for p in procs), _log(run / "log.0") + _log(run / "log.1")
+      time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    rc = procs[0].wait(timeout=KILL_BOUND_S + 30)
+    took = time.monotonic() - killed_at
+    procs[1].wait()
+    log0 = (run / "log.0").read_text()
+    assert rc != 0, log0[-3000:]
+    assert took < KILL_BOUND_S, f"survivor took {took:.0f} s to exit"
+    # Either the runtime's heartbeat check aborts it, or its next collective fails first.
+    assert any(m in log0 for m in ("another task died", "unhealthy", "heartbeat timeout",
+                                   "Connection reset by peer")), log0[-3000:]
+    killed_ckpt = _latest_checkpoint(run)
+    assert 8 <= killed_ckpt < STEPS and not (run / "result.json").exists()
+    start, _ = checkpoint.load_params(run / "checkpoints" / str(killed_ckpt))
+
+    # 2. The same command again resumes from the last complete checkpoint and completes.
+    for pid in range(2):
+      (run / f"log.{pid}").rename(run / f"log.{pid}.killed")
+    procs = _launch(features, run, jax_cache)
+    _wait(procs, [run / "log.0", run / "log.1"], timeout=120)
+    _wait([ref_proc], [ref_dir / "log"], timeout=60)
+  finally:
+    for p in [*procs, ref_proc]:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  resumed = f"resumed from {run / 'checkpoints' / str(killed_ckpt)}"
+  assert resumed in (run / "log.0").read_text(), _log(run / "log.0")
+  result = json.loads((run / "result.json").read_text())
+  assert (result["status"], result["step"]) == ("completed", STEPS), result
+
+  # 3. The checkpoints of both runs, read back in this single process: the same params.
+  got, meta = checkpoint.load_params(run / "checkpoints" / str(STEPS))
+  ref, ref_meta = checkpoint.load_params(ref_dir / "checkpoints" / str(STEPS))
+  assert meta["features_layout"] == ref_meta["features_layout"] == "sharded/4"
+  assert meta["steps_per_epoch"] == ref_meta["steps_per_epoch"] == 4
+  diff = _assert_close(got, ref)
+  moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got),
+                                                          jax.tree.leaves(start))]
+  assert min(moved) > 0, moved  # the resumed steps changed every param
+
+  # 4. The whole train state, restored in this single process (4 devices, the same layout): a
+  # finished run, so nothing is trained again. Another layout means other batches: refused.
+  from jsds_jax import train  # pylint: disable=g-import-not-at-top
+  config = _tiny_config(features, features_layout="sharded")
+  with caplog.at_level(logging.INFO):
+    again = train.train_and_evaluate(config, run)
+  assert f"resumed from {run / 'checkpoints' / str(STEPS)}" in caplog.text
+  assert (again["status"], again["step"]) == ("completed", STEPS)
+  config.train.features_layout = "replicated"
+  with pytest.raises(checkpoint.CheckpointError, match="features_layout: 'sharded/4'"):
+    train.train_and_evaluate(config, run)
+  print(f"survivor exited with {rc} {took:.1f} s after the kill; resumed from step "
+        f"{killed_ckpt}; max relative param difference to 1 process x 4 devices {diff:.1e}")

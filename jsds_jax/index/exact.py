@@ -149,9 +149,9 @@ class ExactIndex(base.SparseIndex):
     del csc
     # Weights that round to 0 score nothing: drop them before counting document frequencies.
     keep = weights != 0
-    if len(keep):  # Kept postings per term; reduceat reads an empty term's first entry.
-      starts = np.minimum(indptr[:-1], len(keep) - 1)
-      df = np.where(df > 0, np.add.reduceat(keep, starts, dtype=np.int64), 0)
+    if len(keep):  # Kept postings per non-empty term (their starts ascend strictly).
+      df = df.copy()
+      df[df > 0] = np.add.reduceat(keep, indptr[:-1][df > 0], dtype=np.int64)
     doc_ids, weights = doc_ids[keep], weights[keep]
     del keep
     offsets = np.zeros(vocab_size + 1, np.int64)
