@@ -6,6 +6,8 @@ plus unit-norm 256-d float32 vectors for the dense baseline over the same number
 and measures, one query at a time (the query arrives as the dense (V,) vector the model emits):
 
   exact    `ExactIndex` (uint8 per-term quantisation by default), exact top-k
+  exact, query top-N terms   (--query-topk N) the same index, each query pruned to its N
+           largest weights: approximate, recall@k against the unpruned search is reported
   exact, numpy bincount   the same index arrays scored with numpy only (no numba), to show
            what the compiled kernel buys
   seismic  `SeismicIndex` (approximate; recall@k against exact is reported)
@@ -86,6 +88,9 @@ def _parse(argv):
   p.add_argument("--dense-df-fraction", type=float, default=0.1,
                  help="exact index: terms in >= this fraction of docs become dense rows "
                  "(<= 0 disables)")
+  p.add_argument("--query-topk", type=int, nargs="*", default=[],
+                 help="also time the exact index with each query pruned to its largest N "
+                 "weights (approximate; recall against the unpruned exact search)")
   p.add_argument("--dense-dim", type=int, default=256)
   p.add_argument("--seismic-n-postings", type=int, default=3500)
   p.add_argument("--seismic-centroid-fraction", type=float, default=0.1)
@@ -221,7 +226,7 @@ def bench_size(n: int, args, stats: dict, workdir: pathlib.Path) -> list[dict]:
   """All methods on one collection of n documents; returns one row per method."""
   rng = np.random.default_rng(args.seed + n)
   num_queries = args.queries_large if n >= args.large else args.queries
-  vocab, k = stats["vocab_size"], args.k
+  k = args.k
   docs, gen_s = _timed(lambda: _generate(n, stats["doc_nnz_mean"], stats, args.seed + n))
   queries = _generate(num_queries, stats["query_nnz_mean"], stats, args.seed + n + 1).tocsr()
   dense_queries = queries.toarray()
@@ -241,6 +246,13 @@ def bench_size(n: int, args, stats: dict, workdir: pathlib.Path) -> list[dict]:
   rows.append(_row("exact", n, times, batch_s, num_queries, build_s, _dir_mb(path)))
   print(f"  exact: built in {build_s:.1f}s, {index.meta()['num_dense_terms']} dense rows, "
         f"{index.meta()['num_postings'] / 1e6:.1f}M postings", flush=True)
+  for qt in args.query_topk:
+    times, results = _latencies(lambda q, qt=qt: index.search(q, k, query_topk=qt),
+                                dense_queries)
+    recall = _recall(np.stack([r.ids for r in results]), exact_ids)
+    _, batch_s = _timed(lambda qt=qt: index.batch_search(queries, k, query_topk=qt))
+    rows.append(_row(f"exact, query top-{qt} terms", n, times, batch_s, num_queries, build_s,
+                     _dir_mb(path), recall))
   if not args.no_numpy_taat:
     times, results = _latencies(_numpy_taat(index, k), dense_queries[:args.numpy_taat_queries])
     recall = _recall(np.stack(results), exact_ids[:args.numpy_taat_queries])
