@@ -6,12 +6,12 @@
       --override=train.loss.lam2=0                             # a diagnostic variant
 
 Each run is the main job (`python -m jsds_jax.main --config CONFIG --workdir OUT/TAG/MODE-sSEED
---config.seed=SEED`): encode (the demo cache is reused), train, and the test table of the best
-checkpoint, saved as `test_results.json`. That is the cheapest way to get the test numbers: one
-process per run, no index / pruning curve / HTML as `jsds_jax.eval` would also build.
-d2s seed s starts from the dense_only run of seed s (`--config.train.init_from`), as the paper's
-D2S starts from a trained dense model (`lit` has no projections, so a d2s run from scratch
-would distil random tails). A run whose `test_results.json` exists is not run again.
+--config.seed=SEED`): encode (the demo cache is reused), train, and `jsds_jax.eval` of the best
+checkpoint on the test split (`eval/report.json`), which this script condenses into the run's
+`test_results.json`. d2s seed s starts from the dense_only run of seed s
+(`--config.train.init_from`), as the paper's D2S starts from a trained dense model (`lit` has
+no projections, so a d2s run from scratch would distil random tails). A run whose report
+exists is not run again.
 
 The table: text→image and image→text R@1/5/10 on the test split for each (mode, score kind),
 mean ± sample standard deviation over the seeds, plus the mean non-zeros per caption / image
@@ -39,7 +39,7 @@ def run_dir(out: pathlib.Path, tag: str, mode: str, seed: int) -> pathlib.Path:
 
 
 def _from_report(wd: pathlib.Path) -> bool:
-  """Writes test_results.json from eval/report.json (`jsds_jax.eval`'s layout) if only that exists."""
+  """Condenses eval/report.json into test_results.json; whether the run is done."""
   rep = wd / "eval" / "report.json"
   if (wd / "test_results.json").exists() or not rep.exists():
     return (wd / "test_results.json").exists()

@@ -1,4 +1,4 @@
-"""The main job (`jsds-run`) on the tiny config: encode -> train -> the test-split table."""
+"""The main job (`jsds-run`) on the tiny config: encode -> train -> eval of the best checkpoint."""
 
 import json
 import pathlib
@@ -21,19 +21,21 @@ def _tiny_config(tmp_path):
   return config
 
 
-def test_main_job_prints_the_test_table(tmp_path, capsys):
+def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys):
   workdir = tmp_path / "run"
   out = main_lib.run_pipeline(_tiny_config(tmp_path), workdir)
   printed = capsys.readouterr().out
   assert "Feature cache:" in printed and "training completed at step 4" in printed
-  assert "| scores | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 |" in printed
+  assert "| retriever | t2i R@1 | t2i R@5 | t2i R@10 |" in printed
   for kind in ("dense", "sparse", "integrated"):
     assert f"| {kind} |" in printed
-  assert out["table"] in printed
-  assert (workdir / main_lib.TABLE_FILE).read_text().strip() == out["table"]
-  saved = json.loads((workdir / main_lib.RESULTS_FILE).read_text())
-  assert saved["split"] == "test"
+  eval_dir = workdir / main_lib.EVAL_DIR
+  assert f"HTML report: {eval_dir / 'report.html'}" in printed
+  assert (eval_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
+  saved = json.loads((eval_dir / "report.json").read_text())
+  assert saved == json.loads(json.dumps(out["report"]))
   # 2 test images with 2 captions each: every R@5 is 100%.
-  assert saved["sparse"]["t2i"]["R@5"] == 100.0
-  assert 0 <= saved["dense"]["t2i"]["R@1"] <= 100.0
-  assert out["test"]["integrated"]["i2t"]["R@10"] == 100.0
+  assert saved["t2i"]["sparse"]["R@5"] == 100.0
+  assert 0 <= saved["t2i"]["dense"]["R@1"] <= 100.0
+  assert saved["i2t"]["integrated"]["R@10"] == 100.0
+  assert "best" in saved["checkpoint"]
