@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.encode.dtype = "float32"      # "bfloat16" on accelerators
   c.encode.last_block = False     # also cache the token states entering the last block
   c.encode.num_workers = 8        # image-decoding threads
+  c.encode.shared_cache = False   # several processes, one cache_root they all see: 0 writes
 
   # Training the tail (jsds_jax/optim.py, jsds_jax/train_step.py, jsds_jax/input_pipeline.py).
   c.train = ml_collections.ConfigDict()

@@ -8,6 +8,17 @@ axis); the parameters are replicated. Work is cut into chunks of `encode.chunk_s
 each written to disk as soon as it is done, so a killed run picks up at the first missing chunk
 and ends with a cache identical to an uninterrupted run (chunk and batch boundaries do not depend
 on where a run started).
+
+Several processes (`jax.process_count() > 1`): each chunk's batches are dealt to the processes
+in contiguous runs (process p loads, decodes and encodes only its own rows, on its own devices),
+and the chunk's rows and unreadable-image indices are gathered to every process
+(`multihost_utils.process_allgather`) in the order a single process would have produced them,
+so the cache is the same bytes as a one-process run with the same local device count. Every
+process writes its own copy of the cache (`encode.cache_root` on each host's local disk), unless
+`encode.shared_cache` says the cache root is one filesystem every process sees: then process 0
+alone writes and the others wait for it. Which chunks are already done (resume) is agreed by all
+processes before any work: a chunk is redone unless every writer has it. Progress bars come from
+process 0 only.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +34,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
@@ -51,13 +63,17 @@ class EncodeSettings:
   last_block: bool = False
   num_workers: int = 8
   skip_bad: bool = False
+  # Multi-process only: the cache root is one shared filesystem, so process 0 alone writes.
+  # Not part of the cache key (it does not change the cached numbers).
+  shared_cache: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "EncodeSettings":
     enc, data = config.encode, config.data
     return cls(batch_size=enc.batch_size, chunk_size=enc.chunk_size, dtype=enc.dtype,
                last_block=enc.last_block, num_workers=enc.num_workers,
-               skip_bad=data.get("skip_bad", False))
+               skip_bad=data.get("skip_bad", False),
+               shared_cache=enc.get("shared_cache", False))
 
   def key(self, backbone: backbones.Backbone) -> str:
     """Hash of everything that changes the cached values."""
@@ -131,6 +147,71 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes.
+
+
+def _writes(settings: EncodeSettings) -> bool:
+  """Whether this process writes cache files: always with one process or private caches; with
+  a shared cache root only process 0."""
+  return jax.process_count() == 1 or not settings.shared_cache or jax.process_index() == 0
+
+
+def _agree(flags: Sequence[bool], settings: EncodeSettings) -> list[bool]:
+  """Makes per-process booleans (e.g. "chunk k is on disk") the same on every process.
+
+  With a shared cache only process 0's view counts (it is the one that writes); with private
+  caches a flag holds only where it holds on every process. One process: returned as is.
+  """
+  flags = [bool(f) for f in flags]
+  if jax.process_count() == 1 or not flags:
+    return flags
+  local = np.asarray(flags, np.int32)
+  if settings.shared_cache:
+    return [bool(f) for f in np.asarray(multihost_utils.broadcast_one_to_all(local))]
+  every = np.asarray(multihost_utils.process_allgather(local))  # (P, len(flags))
+  return [bool(f) for f in every.min(axis=0)]
+
+
+def _process_batches(start: int, stop: int,
+                     batch: int) -> tuple[list[tuple[int, int]], list[int]]:
+  """This process's batches of the chunk [start, stop) and every process's row count.
+
+  The chunk's batches (the very batches one process would run) are dealt to the processes in
+  contiguous runs, process 0 first, so the processes' rows joined in process order are the
+  chunk's rows in order. A process may get no batch (a short last chunk).
+  """
+  all_batches = list(_batches(stop - start, batch, start, stop))
+  nb, num = len(all_batches), jax.process_count()
+  runs = [all_batches[q * nb // num:(q + 1) * nb // num] for q in range(num)]
+  return runs[jax.process_index()], [sum(e - s for s, e in run) for run in runs]
+
+
+def _gather_chunk(outs: dict[str, np.ndarray], bad: list[int],
+                  rows: list[int]) -> tuple[dict[str, np.ndarray], list[int]]:
+  """Gathers every process's rows of one chunk (and its unreadable images) to every process.
+
+  Args:
+    outs: this process's rows, by array name.
+    bad: this process's unreadable image indices (ascending).
+    rows: every process's row count (`_process_batches`).
+
+  Returns:
+    The chunk's rows by name, in row order, and its unreadable images in ascending order.
+  """
+  max_rows = max(rows)
+  padded = {nm: _pad_rows(x, max_rows) for nm, x in outs.items()}
+  bad_arr = np.full(max_rows, -1, np.int64)
+  bad_arr[:len(bad)] = bad
+  got = multihost_utils.process_allgather({"outs": padded, "bad": bad_arr})
+  full = {}
+  for nm, x in outs.items():
+    stacked = np.asarray(got["outs"][nm])  # (P, max_rows, ...)
+    full[nm] = np.concatenate([stacked[q][:n] for q, n in enumerate(rows)]).astype(x.dtype)
+  all_bad = np.asarray(got["bad"]).reshape(-1)
+  return full, [int(i) for i in all_bad if i >= 0]
+
+
+# ----------------------------------------------------------------------------------------------
 # One split.
 
 
@@ -157,10 +238,12 @@ def _load_image_batch(split: RetrievalSplit, indices: Sequence[int], backbone, s
 
 def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backbone,
                      out_dir: pathlib.Path, settings: EncodeSettings, mesh,
-                     progress: bool, on_chunk: Callable[[str, int], None] | None) -> int:
+                     progress: bool, on_chunk: Callable[[str, int], None] | None,
+                     writes: bool = True) -> int:
   """Encodes all images (kind="image") or captions (kind="text") chunk by chunk.
 
-  Returns the number of chunks.
+  `writes`: whether this process writes the chunk files (several processes: see the module
+  doc). Returns the number of chunks.
   """
   n = split.num_images if kind == "image" else split.num_captions
   batch = settings.batch_size
@@ -179,7 +262,11 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   # to be redone; the image chunks' list of bad images is written last).
   chunk_files = lambda k: [feature_cache.part_path(out_dir, nm, k) for nm in names] + (
       [_bad_images_path(out_dir, k)] if kind == "image" else [])
-  done = [k for k in range(num_chunks) if all(f.exists() for f in chunk_files(k))]
+  # Several processes agree first (the same chunks must be skipped by all of them).
+  done = [k for k, d in enumerate(_agree(
+      [writes and all(f.exists() for f in chunk_files(k)) for k in range(num_chunks)],
+      settings)) if d]
+  multi = jax.process_count() > 1
   bar = tqdm.tqdm(total=n, desc=f"{split.dataset}/{split.split} {kind}s", unit=kind[:3] if
                   kind == "text" else "img", disable=not progress, dynamic_ncols=True)
   bar.update(sum(min(chunk, n - k * chunk) for k in done))
@@ -191,7 +278,14 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
       outs: dict[str, list[np.ndarray]] = {nm: [] for nm in names}
       bad: list[int] = []
       pending = None
-      for s, e in _batches(n, batch, start, stop):
+      if multi:
+        my_batches, rows = _process_batches(start, stop, batch)
+        if not my_batches:  # nothing of this chunk here: a blank batch gives the shapes
+          blank = _blank_inputs(kind, backbone, batch)
+          _collect((fn(*blank), 0, blank), outs, names, kind)
+      else:
+        my_batches = list(_batches(n, batch, start, stop))
+      for s, e in my_batches:
         if kind == "image":
           pixels, bad_here = _load_image_batch(split, range(s, e), backbone, settings.skip_bad,
                                                pool)
@@ -208,15 +302,30 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
       if pending is not None:
         _collect(pending, outs, names, kind)
         bar.update(pending[1])
-      for nm in names:
-        feature_cache.atomic_save_npy(feature_cache.part_path(out_dir, nm, k),
-                                      np.concatenate(outs[nm]))
-      if kind == "image":
-        feature_cache.atomic_write_json(_bad_images_path(out_dir, k), bad)
+      joined = {nm: np.concatenate(outs[nm]) for nm in names}
+      if multi:
+        joined, bad = _gather_chunk(joined, bad, rows)
+        bar.update(sum(rows) - rows[jax.process_index()])
+      if writes:
+        for nm in names:
+          feature_cache.atomic_save_npy(feature_cache.part_path(out_dir, nm, k), joined[nm])
+        if kind == "image":
+          feature_cache.atomic_write_json(_bad_images_path(out_dir, k), bad)
       if on_chunk is not None:
         on_chunk(kind, k)
   bar.close()
   return num_chunks
+
+
+def _blank_inputs(kind: str, backbone, batch: int) -> tuple[np.ndarray, ...]:
+  """A batch of nothing (white images / empty captions), for a process with no rows."""
+  if kind == "image":
+    blank = np.full((backbone.image_size, backbone.image_size, 3), 255, np.uint8)
+    pixels = images_lib.preprocess([blank], backbone.image_size, backbone.image_mean,
+                                   backbone.image_std, resize=backbone.image_resize)
+    return (_pad_rows(pixels, batch),)
+  ids, mask = backbone.tokenize([""])
+  return (_pad_rows(ids, batch), _pad_rows(mask, batch))
 
 
 def _bad_images_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:
@@ -244,26 +353,40 @@ def encode_split(split: RetrievalSplit, backbone: backbones.Backbone, out_dir: p
     out_dir: the split's cache directory.
     settings: batch/chunk sizes, dtype, `last_block`, bad-item policy.
     mesh: a 1-D mesh with axis 'data'; default: all local devices.
-    progress: show progress bars.
+    progress: show progress bars (process 0 only, when there are several).
     on_chunk: called with (kind, chunk index) after each chunk is on disk.
+
+  With several processes every one of them must call this with the same split and settings
+  (see the module doc); `mesh` must then hold only this process's devices.
   """
-  if feature_cache.is_complete(out_dir):
+  writes = _writes(settings)
+  complete = feature_cache.is_complete(out_dir)
+  if all(_agree([complete or not writes], settings)):
     return feature_cache.load_split(out_dir)["meta"]
+  # A process whose own copy is complete (others' are not) helps without writing again.
+  writes = writes and not complete
   mesh = mesh or sharding.local_data_mesh()
   if settings.batch_size % mesh.size:
     raise ValueError(f"encode.batch_size={settings.batch_size} is not a multiple of the "
                      f"{mesh.size} devices")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stale = feature_cache.remove_stale_temps(out_dir)
-  if stale:
-    logging.warning("removed %d half-written files of an earlier run in %s", stale, out_dir)
+  progress = progress and distributed.is_main_process()
+  if writes:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = feature_cache.remove_stale_temps(out_dir)
+    if stale:
+      logging.warning("removed %d half-written files of an earlier run in %s", stale, out_dir)
   t0 = time.time()
   n_img_chunks = _encode_modality("image", split, backbone, out_dir, settings, mesh, progress,
-                                  on_chunk)
+                                  on_chunk, writes)
   n_txt_chunks = _encode_modality("text", split, backbone, out_dir, settings, mesh, progress,
-                                  on_chunk)
-  return _finalize(split, backbone, out_dir, settings, n_img_chunks, n_txt_chunks,
-                   time.time() - t0)
+                                  on_chunk, writes)
+  meta = None
+  if writes:
+    meta = _finalize(split, backbone, out_dir, settings, n_img_chunks, n_txt_chunks,
+                     time.time() - t0)
+  if jax.process_count() > 1 and settings.shared_cache:
+    multihost_utils.sync_global_devices(f"jsds encode {split.dataset}/{split.split} finalized")
+  return meta if meta is not None else feature_cache.load_split(out_dir)["meta"]
 
 
 def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: EncodeSettings,
@@ -331,17 +454,24 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
 
 def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = None,
            progress: bool = True) -> dict[str, pathlib.Path]:
-  """Encodes every split of `config.data` (or `splits`); returns {split: cache dir}."""
+  """Encodes every split of `config.data` (or `splits`); returns {split: cache dir}.
+
+  With several processes each encodes its share of every chunk (see the module doc); all of
+  them must call this with the same config (each its own `encode.cache_root`, or one shared
+  root with `encode.shared_cache`).
+  """
   backbone = backbones.load_backbone(config.backbone)
   settings = EncodeSettings.from_config(config)
   tail = tail_init_path(config, backbone)
-  tail.parent.mkdir(parents=True, exist_ok=True)
-  if not tail.exists():
-    feature_cache.save_tail_init(tail, backbone.tail_init_tensors())
+  if _writes(settings):
+    tail.parent.mkdir(parents=True, exist_ok=True)
+    if not tail.exists():
+      feature_cache.save_tail_init(tail, backbone.tail_init_tensors())
   out = {}
   for split_name in splits or config.data.splits:
     out_dir = cache_dir_for(config, backbone, split_name)
-    if feature_cache.is_complete(out_dir):
+    # Several processes skip a split only together (encode_split's collectives need them all).
+    if all(_agree([feature_cache.is_complete(out_dir) or not _writes(settings)], settings)):
       logging.info("cache for %s is complete: %s", split_name, out_dir)
     else:
       split = registry.load_split(config.data, split_name)
@@ -368,7 +498,8 @@ def main(argv: Sequence[str]) -> None:
   distributed.maybe_initialize()
   config = flags.FLAGS.config
   dirs = encode(config)
-  print("Feature cache written:\n" + describe(dirs))
+  if distributed.is_main_process():
+    print("Feature cache written:\n" + describe(dirs))
 
 
 def run() -> None:
