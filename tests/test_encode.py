@@ -14,16 +14,13 @@ from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 from jsds_jax.data import registry
 from jsds_jax.models import backbones
+import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, **encode_overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_cfg", _ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = testing_utils.load_config("tiny")
   config.data.cache_dir = str(tmp_path / "data")
   config.encode.cache_root = str(tmp_path / "features")
   for k, v in encode_overrides.items():

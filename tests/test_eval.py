@@ -1,7 +1,6 @@
 """The eval library on the tiny backbone and generated data: report.json against a direct
 recomputation, the pruning curve, the files, the index it leaves for search, mismatch errors."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -17,6 +16,7 @@ from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
 from jsds_jax.models import backbones
 from jsds_jax.models import jsds
+import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,10 +29,7 @@ def tiny_config(tmp_path, tmp_path_factory=None):
   """
   if tmp_path_factory is not None:
     tmp_path = tmp_path_factory.getbasetemp() / "tiny_eval_shared"
-  spec = importlib.util.spec_from_file_location("tiny_cfg", _ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = testing_utils.load_config("tiny")
   config.data.cache_dir = str(tmp_path / "data")
   config.encode.cache_root = str(tmp_path / "features")
   config.data.num_images = 100

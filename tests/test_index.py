@@ -1,7 +1,6 @@
 """Inverted-index retrieval: exact = brute force, storage, errors, Seismic recall."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -1,19 +1,13 @@
 """The main job (`jsds-run`) on the tiny config: encode -> train -> eval of the best checkpoint."""
 
 import json
-import pathlib
 
 from jsds_jax import main as main_lib
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import testing_utils  # tests/testing_utils.py
 
 
 def _tiny_config(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_cfg", _ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = testing_utils.load_config("tiny")
   config.data.cache_dir = str(tmp_path / "data")
   config.encode.cache_root = str(tmp_path / "features")
   config.data.num_images = 20  # 16 train (2 steps of 8 per epoch), 2 val, 2 test images

@@ -12,10 +12,8 @@ command resumes from the last checkpoint and ends with those same params.
 
 import json
 import logging
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from jsds_jax import distributed
 from jsds_jax import input_pipeline
 from jsds_jax import sharding
 from jsds_jax.data import feature_cache
+import testing_utils  # tests/testing_utils.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_IMG, D_IMG, D_TXT, EMBED, VOCAB, WORD_DIM = 37, 12, 10, 16, 64, 16
@@ -193,11 +192,7 @@ def test_features_layout_setting():
 
 
 def _tiny_config(features, **overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = testing_utils.load_config("tiny")
   for k, v in {"features": str(features), **TRAIN_FLAGS, **overrides}.items():
     config.train[k] = v
   return config
@@ -205,25 +200,6 @@ def _tiny_config(features, **overrides):
 
 # ---------------------------------------------------------------------------------------------
 # Real processes: the training binary.
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
-             # A persistent compilation cache shared by every subprocess of this file: the
-             # rerun after the kill skips XLA compiles.
-             JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
-  return env
 
 
 def _train_cmd(features: pathlib.Path, workdir: pathlib.Path, **overrides) -> list[str]:
@@ -234,14 +210,14 @@ def _train_cmd(features: pathlib.Path, workdir: pathlib.Path, **overrides) -> li
 
 def _launch(features, workdir, jax_cache) -> list[subprocess.Popen]:
   """Starts the 2 processes of one run (2 devices each); output goes to workdir/log.<id>."""
-  port = _free_port()
+  port = testing_utils.free_port()
   workdir.mkdir(parents=True, exist_ok=True)
   procs = []
   for pid in range(2):
-    env = _env(2, jax_cache, JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(pid),
-               JSDS_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), JSDS_INIT_TIMEOUT_S="60",
-               JSDS_SHUTDOWN_TIMEOUT_S="60")
+    env = testing_utils.jax_subprocess_env(
+        2, jax_cache, JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JSDS_NUM_PROCESSES="2",
+        JSDS_PROCESS_ID=str(pid), JSDS_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+        JSDS_INIT_TIMEOUT_S="60", JSDS_SHUTDOWN_TIMEOUT_S="60")
     with open(workdir / f"log.{pid}", "a") as log:
       procs.append(subprocess.Popen(_train_cmd(features, workdir), env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=REPO))
@@ -293,7 +269,8 @@ def test_two_train_processes_match_one_survive_a_kill_and_resume(tmp_path, caplo
   ref_dir.mkdir()
   with open(ref_dir / "log", "w") as log:
     ref_proc = subprocess.Popen(
-        _train_cmd(features, ref_dir, features_layout="sharded"), env=_env(4, jax_cache),
+        _train_cmd(features, ref_dir, features_layout="sharded"),
+        env=testing_utils.jax_subprocess_env(4, jax_cache),
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
   procs = _launch(features, run, jax_cache)
   try:

@@ -11,10 +11,8 @@ same cache again. A third pair is SIGKILLed mid-split and rerun: the same cache 
 """
 
 import json
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import pytest
 
 from jsds_jax.data import feature_cache
 from jsds_jax.data import registry
+import testing_utils  # tests/testing_utils.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 50 synthetic images: 40 train images (3 chunks of 16, 16, 8 at batch 8: the last one is all
@@ -35,30 +34,10 @@ BAD = (5, 27)  # image 5 is process 0's (chunk 0), image 27 process 1's (chunk 1
 
 
 def _tiny_config(data_dir: pathlib.Path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = testing_utils.load_config("tiny")
   config.data.cache_dir = str(data_dir)
   config.data.num_images = 50
   return config
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
-  return env
 
 
 def _start(data_dir, cache_root, log, env, *extra) -> subprocess.Popen:
@@ -105,7 +84,7 @@ def run_dir(tmp_path_factory):
   for i in BAD:
     pathlib.Path(split.image_sources[i]).write_bytes(b"not an image")
   ref = _start(data_dir, tmp / "ref", tmp / "log.ref",
-               _env(2, tmp / "jax_cache", JSDS_DISTRIBUTED="off"))
+               testing_utils.jax_subprocess_env(2, tmp / "jax_cache", JSDS_DISTRIBUTED="off"))
   yield tmp, ref
   if ref.poll() is None:
     ref.kill()
@@ -115,14 +94,16 @@ def run_dir(tmp_path_factory):
 def _pair(tmp: pathlib.Path, name: str, shared: bool) -> tuple[list, list]:
   """Starts two processes (2 devices each) of one run; cache roots tmp/<name><id>, or one
   tmp/<name> when `shared`."""
-  port = _free_port()
+  port = testing_utils.free_port()
   procs, logs = [], []
   for pid in range(2):
     logs.append(tmp / f"log.{name}{pid}")
-    procs.append(_start(tmp / "data", tmp / (name if shared else f"{name}{pid}"), logs[-1], _env(
+    env = testing_utils.jax_subprocess_env(
         2, tmp / "jax_cache", JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(pid), JSDS_INIT_TIMEOUT_S="60",
-        JSDS_SHUTDOWN_TIMEOUT_S="60"), f"--config.encode.shared_cache={shared}"))
+        JSDS_SHUTDOWN_TIMEOUT_S="60")
+    procs.append(_start(tmp / "data", tmp / (name if shared else f"{name}{pid}"), logs[-1], env,
+                        f"--config.encode.shared_cache={shared}"))
   return procs, logs
 
 

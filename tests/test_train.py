@@ -18,6 +18,7 @@ import pytest
 from jsds_jax import checkpoint
 from jsds_jax import train
 from jsds_jax.data import feature_cache
+import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 15  # x 4 steps: long enough to kill a run in the middle
@@ -26,11 +27,7 @@ D_IMG, D_TXT, EMBED, VOCAB, WORD_DIM = 24, 20, 16, 1000, 16
 
 
 def _tiny_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("tiny_cfg", _ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return testing_utils.load_config("tiny")
 
 
 # The run every test compares with; checkpoints at multiples of log_every keep the metric

@@ -1,0 +1,39 @@
+"""Helpers several test files share: the tiny config, and environments for JAX subprocesses."""
+
+import importlib.util
+import os
+import pathlib
+import socket
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg=None) -> ml_collections.ConfigDict:
+  """`configs/<name>.py`'s get_config(arg), loaded by path as config_flags does."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def jax_subprocess_env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[str, str]:
+  """A clean environment for a JAX subprocess on `devices` fake CPU devices.
+
+  Inherited JSDS_/SLURM_/JAX_ settings are dropped so the run's own contract is all it sees; a
+  persistent compilation cache shared by the subprocesses of a test skips repeated compiles.
+  """
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+  return env
