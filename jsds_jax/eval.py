@@ -64,12 +64,9 @@ class EvalError(ValueError):
 # Compatibility of a checkpoint with a cache.
 
 
-def _meta_get(meta: Mapping[str, Any] | None, *names: str) -> Any:
-  """The first of `names` that `meta` has (checkpoint metas name a few fields two ways)."""
-  for name in names:
-    if meta and meta.get(name) is not None:
-      return meta[name]
-  return None
+def _meta_get(meta: Mapping[str, Any] | None, name: str) -> Any:
+  """`meta[name]`, or None without metadata (`checkpoint.make_metadata` names the fields)."""
+  return (meta or {}).get(name)
 
 
 def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
@@ -83,9 +80,8 @@ def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
     vocab_size: the backbone's |V| (its word embeddings), if known.
   """
   dims = tail_outputs.feature_dims(params)
-  for field, names in (("backbone", ("backbone", "backbone_name")),
-                       ("weights_hash", ("weights_hash", "backbone_weights_hash"))):
-    have = _meta_get(meta, *names)
+  for field in ("backbone", "weights_hash"):
+    have = _meta_get(meta, field)
     if have is not None and have != cache_meta.get(field):
       raise EvalError(f"checkpoint {field} is {have!r} but the feature cache's is "
                       f"{cache_meta.get(field)!r}: evaluate with the backbone it was trained "
@@ -93,7 +89,7 @@ def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
   arrays = cache_meta.get("arrays", {})
   for kind in ("image", "text"):
     want = dims[f"{kind}_dim"]
-    have = _meta_get(meta, f"{kind}_dim", f"{kind}_feature_dim")
+    have = _meta_get(meta, f"{kind}_dim")
     if have is not None and int(have) != want:
       raise EvalError(f"checkpoint metadata says {kind}_dim={have} but its params take {want}")
     shape = arrays.get(f"{kind}_pooled", {}).get("shape")
