@@ -16,7 +16,8 @@ vocab bias; both sides here have one, as our default `model.use_vocab_bias` does
             `loss.py`, Lightning's "16-mixed" precision): `torch.autocast` fp16 and a GradScaler
             (unscale, clip, step, update) on CUDA. CPU autocast fp16 is not what anyone trains
             with, so on a CPU it runs float32 by default (`--torch-cpu-dtype bfloat16` for bf16
-            autocast, no scaler). Its loss keeps the official quirks (teacher not stopped, the
+            autocast, no scaler; `--torch-cpu-dtype float16` for the recipe as written, fp16
+            autocast + GradScaler, whose fp16 matmuls are slow on a CPU without fp16 units). Its loss keeps the official quirks (teacher not stopped, the
             image-row teacher for both directions, S_int's InfoNCE computed twice): same cost
             class, and it is what the official step computes. Lightning's own per-step
             overhead (logging, hooks) is not included, so this is a lower bound on its time.
@@ -64,8 +65,10 @@ def _parse():
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="ours: the tail's computation dtype (`model.dtype`; default bfloat16 on "
                       "GPU, float32 on CPU)")
-  p.add_argument("--torch-cpu-dtype", choices=["float32", "bfloat16"], default="float32",
-                 help="official on CPU: float32, or bf16 autocast")
+  p.add_argument("--torch-cpu-dtype", choices=["float32", "bfloat16", "float16"],
+                 default="float32",
+                 help="official on CPU: float32, bf16 autocast, or the recipe as written (fp16 "
+                      "autocast + GradScaler)")
   p.add_argument("--plain", action="store_true", help="also time a bare jax.jit of the math")
   p.add_argument("--no-torch", action="store_true", help="ours only (no ratio)")
   p.add_argument("--epoch-steps", type=int, default=None,
@@ -127,9 +130,9 @@ def _torch_official(args, device: str, total_steps: int):
       opt, lambda t: t / max(1, warm) if t < warm
       else max(0.0, (total_steps - t) / max(1, total_steps - warm)))
   on_cuda = device == "cuda"
-  amp_dtype = torch.float16 if on_cuda else (
-      torch.bfloat16 if args.torch_cpu_dtype == "bfloat16" else None)
-  scaler = torch.amp.GradScaler("cuda") if on_cuda else None
+  amp_dtype = torch.float16 if on_cuda else {
+      "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.torch_cpu_dtype]
+  scaler = torch.amp.GradScaler(device) if amp_dtype == torch.float16 else None
   ce = nn.CrossEntropyLoss()
   reg_t = {"t": 0}
   params = [p for g in opt.param_groups for p in g["params"]]
@@ -421,7 +424,8 @@ def main():
     if device == "cuda":
       official_desc = "fp16 autocast + GradScaler"
     else:
-      cpu_mode = "float32" if args.torch_cpu_dtype == "float32" else "bf16 autocast"
+      cpu_mode = {"float32": "float32", "bfloat16": "bf16 autocast",
+                  "float16": "fp16 autocast + GradScaler"}[args.torch_cpu_dtype]
       official_desc = f"{cpu_mode}, {torch.get_num_threads()} threads"
 
   times, cpu = _time_rounds(impls, steps, rounds, args.warmup)

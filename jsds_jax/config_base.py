@@ -83,6 +83,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss.reg_warmup_fraction = 0.2  # eta(t) = eta * min(1, t / T)^2, T = this * steps
   c.train.loss.reference_quirks = False  # the official code's KD quirks (ablations only)
   c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
+  # PEC, probabilistic expansion control (jsds / d2s; DESIGN.md §3): with probability p(t), one
+  # draw per step, every caption's sparse vector is masked to its own tokens' vocabulary
+  # entries; p falls linearly from 1 at step 0 to 0 at `pec_fraction` of the steps. Needs the
+  # cache's caption token ids (`encode` writes them, and adds them to an older cache).
+  c.train.pec = False
+  c.train.pec_fraction = 0.95
   # The loop (jsds_jax/train.py) and its checkpoints (jsds_jax/checkpoint.py).
   c.train.features = ""           # a dataset's cache folder (<root>/<backbone>-<key>/<dataset>)
                                   # to train from as it is; "" = encode this config's (or reuse)

@@ -53,6 +53,11 @@ from jsds_jax import sharding
 
 
 
+# (N_captions, L) int32 token ids of every caption, -1 at padding: the vocabulary entries a
+# caption's own words occupy (PEC masks a caption's sparse vector to them during training).
+TOKEN_IDS = "text_token_ids"
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodeSettings:
   """What, besides the weights, decides the cached numbers (so it is part of the cache key)."""
@@ -257,6 +262,8 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if settings.last_block else [])
   if kind == "text" and settings.last_block:
     names.append("text_attention_mask")
+  if kind == "text":
+    names.append(TOKEN_IDS)
 
   # A chunk is done when every file it writes is there (a kill between two renames leaves it
   # to be redone; the image chunks' list of bad images is written last).
@@ -335,10 +342,43 @@ def _bad_images_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:
 def _collect(pending, outs, names, kind) -> None:
   result, count, inputs = pending
   outs[names[0]].append(np.asarray(result["pooled"])[:count])
-  if len(names) > 1:
-    outs[names[1]].append(np.asarray(result["last_block_input"])[:count])
+  if f"{kind}_last_block_input" in names:
+    outs[f"{kind}_last_block_input"].append(np.asarray(result["last_block_input"])[:count])
   if kind == "text" and "text_attention_mask" in names:
     outs["text_attention_mask"].append(np.asarray(inputs[1][:count], np.int8))
+  if kind == "text":
+    outs[TOKEN_IDS].append(token_ids(inputs[0][:count], inputs[1][:count]))
+
+
+def token_ids(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+  """(B, L) int32 the captions' token ids, -1 where the attention mask is 0 (padding)."""
+  return np.where(np.asarray(attention_mask) > 0, np.asarray(input_ids), -1).astype(np.int32)
+
+
+def add_token_ids(out_dir: pathlib.Path, backbone: backbones.Backbone,
+                  batch_size: int = 1024) -> bool:
+  """Adds `text_token_ids.npy` to a finished cache written before encode stored it.
+
+  Only the tokenizer runs (on the captions in items.json), so this takes seconds. The array is
+  written first, then meta.json is rewritten (both atomically): a kill in between leaves the
+  cache as it was. Returns whether anything was added.
+  """
+  meta = feature_cache.load_split(out_dir)["meta"]
+  if TOKEN_IDS in meta["arrays"]:
+    return False
+  if meta.get("max_text_len") not in (None, backbone.max_text_len):
+    raise feature_cache.CacheError(
+        f"cache '{out_dir}' was tokenized to {meta['max_text_len']} tokens, the backbone now "
+        f"to {backbone.max_text_len}: re-encode it")
+  captions = json.loads((out_dir / feature_cache.ITEMS).read_text())["captions"]
+  ids = [token_ids(*backbone.tokenize(captions[a:a + batch_size]))
+         for a in range(0, len(captions), batch_size)]
+  ids = np.concatenate(ids) if ids else np.zeros((0, backbone.max_text_len), np.int32)
+  feature_cache.atomic_save_npy(out_dir / f"{TOKEN_IDS}.npy", ids)
+  meta["arrays"][TOKEN_IDS] = {"shape": list(ids.shape), "dtype": str(ids.dtype)}
+  feature_cache.atomic_write_json(out_dir / feature_cache.META, meta)
+  logging.info("added caption token ids to the finished cache %s", out_dir)
+  return True
 
 
 def encode_split(split: RetrievalSplit, backbone: backbones.Backbone, out_dir: pathlib.Path,
@@ -398,7 +438,7 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
   for name in ["image_pooled", "image_last_block_input"]:
     if feature_cache.part_path(out_dir, name, 0).exists():
       arrays[name] = feature_cache.concat_parts(out_dir, name, n_img_chunks)
-  for name in ["text_pooled", "text_last_block_input", "text_attention_mask"]:
+  for name in ["text_pooled", "text_last_block_input", "text_attention_mask", TOKEN_IDS]:
     if feature_cache.part_path(out_dir, name, 0).exists():
       arrays[name] = feature_cache.concat_parts(out_dir, name, n_txt_chunks)
   cap_index = np.asarray(split.caption_image_index, np.int64)
@@ -473,6 +513,10 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
     # Several processes skip a split only together (encode_split's collectives need them all).
     if all(_agree([feature_cache.is_complete(out_dir) or not _writes(settings)], settings)):
       logging.info("cache for %s is complete: %s", split_name, out_dir)
+      if _writes(settings):
+        add_token_ids(out_dir, backbone)
+      if jax.process_count() > 1 and settings.shared_cache:
+        multihost_utils.sync_global_devices(f"jsds encode {split_name} token ids")
     else:
       split = registry.load_split(config.data, split_name)
       encode_split(split, backbone, out_dir, settings, progress=progress)

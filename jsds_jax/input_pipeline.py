@@ -73,6 +73,8 @@ class DeviceFeatures:
   image_pooled: jax.Array
   text_pooled: jax.Array
   caption_image_index: jax.Array
+  # (N_captions, L) int32 caption token ids, -1 at padding; only when the run uses PEC.
+  text_token_ids: Optional[jax.Array] = None
   # "replicated": the arrays above are whole on every device. "sharded": they are (n·R, D)
   # global arrays split over 'data'; device d's block holds shard d (see `ShardLayout`), its
   # caption_image_index gives LOCAL image rows, and the sizes below count padded rows.
@@ -99,7 +101,8 @@ def _put_replicated(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
 
 
 def device_features(image_pooled: Any, text_pooled: Any, caption_image_index: Any,
-                    mesh: jax.sharding.Mesh, dtype: Optional[Any] = None) -> DeviceFeatures:
+                    mesh: jax.sharding.Mesh, dtype: Optional[Any] = None,
+                    text_token_ids: Any = None) -> DeviceFeatures:
   """Puts a split's arrays on every device of `mesh` (replicated).
 
   Args:
@@ -109,6 +112,7 @@ def device_features(image_pooled: Any, text_pooled: Any, caption_image_index: An
     mesh: a mesh with a 'data' axis.
     dtype: storage dtype of the features on the devices (None keeps the cache's; bfloat16
       halves the memory, and the tail's first matmul reads them in its own dtype).
+    text_token_ids: optional (N_captions, L) int token ids, -1 at padding (for PEC).
 
   Returns:
     The `DeviceFeatures`.
@@ -121,17 +125,43 @@ def device_features(image_pooled: Any, text_pooled: Any, caption_image_index: An
     raise ValueError(f"{cap_img.shape[0]} caption_image_index entries for "
                      f"{np.shape(text_pooled)[0]} captions")
   cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x, dtype))
+  ids = None
+  if text_token_ids is not None:
+    ids = _put_replicated(_checked_token_ids(text_token_ids, cap_img.shape[0]), mesh)
   return DeviceFeatures(image_pooled=_put_replicated(cast(image_pooled), mesh),
                         text_pooled=_put_replicated(cast(text_pooled), mesh),
-                        caption_image_index=_put_replicated(cap_img.astype(np.int32), mesh))
+                        caption_image_index=_put_replicated(cap_img.astype(np.int32), mesh),
+                        text_token_ids=ids)
+
+
+def _checked_token_ids(text_token_ids: Any, num_captions: int) -> np.ndarray:
+  ids = np.asarray(text_token_ids)
+  if ids.ndim != 2 or ids.shape[0] != num_captions:
+    raise ValueError(f"text_token_ids has shape {ids.shape}, expected ({num_captions}, L)")
+  return ids.astype(np.int32, copy=False)
+
+
+def _split_token_ids(split: Mapping[str, Any], directory: Any) -> np.ndarray:
+  """The cache's caption token ids, or an error that says how to add them."""
+  if "text_token_ids" not in split:
+    raise feature_cache.CacheError(
+        f"feature cache '{directory}' has no caption token ids (text_token_ids.npy), which "
+        "train.pec needs: it was written by an older encode. Run `jsds-encode` with the same "
+        "config; it adds them to the finished cache in seconds (only the tokenizer runs).")
+  return split["text_token_ids"]
 
 
 def load_device_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,
-                         dtype: Optional[Any] = None) -> DeviceFeatures:
-  """Reads a split's [CLS] cache (`feature_cache.load_split`) onto the devices."""
+                         dtype: Optional[Any] = None,
+                         token_ids: bool = False) -> DeviceFeatures:
+  """Reads a split's [CLS] cache (`feature_cache.load_split`) onto the devices.
+
+  `token_ids`: also the caption token ids (PEC); CacheError if the cache lacks them.
+  """
   split = feature_cache.load_split(directory, mmap=True)
+  ids = _split_token_ids(split, directory) if token_ids else None
   return device_features(split["image_pooled"], split["text_pooled"],
-                         split["caption_image_index"], mesh, dtype)
+                         split["caption_image_index"], mesh, dtype, text_token_ids=ids)
 
 
 def features_spec(features: DeviceFeatures) -> jax.sharding.PartitionSpec:
@@ -242,8 +272,8 @@ def _put_sharded(source: Any, rows: np.ndarray, mesh: jax.sharding.Mesh,
 
 
 def device_features_sharded(image_pooled: Any, text_pooled: Any, layout: ShardLayout,
-                            mesh: jax.sharding.Mesh,
-                            dtype: Optional[Any] = None) -> DeviceFeatures:
+                            mesh: jax.sharding.Mesh, dtype: Optional[Any] = None,
+                            text_token_ids: Any = None) -> DeviceFeatures:
   """Puts one shard of a split on each device of `mesh` (the "sharded" layout).
 
   Args:
@@ -252,10 +282,13 @@ def device_features_sharded(image_pooled: Any, text_pooled: Any, layout: ShardLa
     layout: `shard_layout(caption_image_index, mesh.shape['data'])`.
     mesh: a mesh with a 'data' axis of `layout.num_shards` devices (all processes' devices).
     dtype: storage dtype on the devices (None keeps the cache's).
+    text_token_ids: optional (N_captions, L) caption token ids (PEC), sharded like the
+      captions.
 
   Returns:
     `DeviceFeatures` with layout "sharded": image_pooled (n·R_img, D_img), text_pooled
-    (n·R_cap, D_txt), caption_image_index (n·R_cap,) int32 local image rows.
+    (n·R_cap, D_txt), caption_image_index (n·R_cap,) int32 local image rows, text_token_ids
+    (n·R_cap, L) or None.
   """
   if mesh.shape[DATA_AXIS] != layout.num_shards:
     raise ValueError(f"layout has {layout.num_shards} shards for a 'data' axis of "
@@ -269,23 +302,29 @@ def device_features_sharded(image_pooled: Any, text_pooled: Any, layout: ShardLa
   cap_img = jax.make_array_from_callback(
       (n * r_cap,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS)),
       lambda index: layout.caption_image.reshape(-1)[index])
+  ids = None
+  if text_token_ids is not None:
+    # Padding rows read as token 0; no batch ever draws them.
+    ids = _put_sharded(text_token_ids, layout.captions, mesh, np.int32)
   return DeviceFeatures(image_pooled=_put_sharded(image_pooled, layout.images, mesh, dtype),
                         text_pooled=_put_sharded(text_pooled, layout.captions, mesh, dtype),
-                        caption_image_index=cap_img, layout="sharded")
+                        caption_image_index=cap_img, text_token_ids=ids, layout="sharded")
 
 
 def load_sharded_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,
-                          dtype: Optional[Any] = None,
-                          seed: int = 0) -> tuple[DeviceFeatures, ShardLayout]:
+                          dtype: Optional[Any] = None, seed: int = 0,
+                          token_ids: bool = False) -> tuple[DeviceFeatures, ShardLayout]:
   """Reads this process's shards of a split's [CLS] cache; returns them and the layout.
 
   Every process reads the (small) caption_image_index whole, to compute the same layout and
   epoch orders, and from the feature arrays only the rows of its own devices' shards.
+  `token_ids`: also the caption token ids (PEC); CacheError if the cache lacks them.
   """
   split = feature_cache.load_split(directory, mmap=True)
+  ids = _split_token_ids(split, directory) if token_ids else None
   layout = shard_layout(split["caption_image_index"], mesh.shape[DATA_AXIS], seed)
   features = device_features_sharded(split["image_pooled"], split["text_pooled"], layout, mesh,
-                                     dtype)
+                                     dtype, text_token_ids=ids)
   return features, layout
 
 
@@ -386,6 +425,13 @@ def gather_batch(features: DeviceFeatures,
     # Inside the step's shard_map: local row + this device's block offset.
     image_idx = image_idx + jax.lax.axis_index(DATA_AXIS) * features.image_pooled.shape[0]
   return h_img, h_txt, image_idx
+
+
+def gather_token_ids(features: DeviceFeatures, caption_idx: jax.Array) -> jax.Array:
+  """(B, L) int32 token ids of a batch's captions (-1 at padding); needs `text_token_ids`."""
+  if features.text_token_ids is None:
+    raise ValueError("these DeviceFeatures were loaded without caption token ids")
+  return jnp.take(features.text_token_ids, caption_idx, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)

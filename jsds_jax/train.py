@@ -444,11 +444,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   layout_name = features_layout(tc.features_layout)
   if layout_name == "sharded":
     # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
-    features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh)
+    features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh,
+                                                            token_ids=tc.pec)
     steps_per_epoch = layout.steps_per_epoch(tc.batch_size)
   else:
-    features = input_pipeline.device_features(train_cache["image_pooled"],
-                                              train_cache["text_pooled"], cap_img, mesh)
+    features = input_pipeline.load_device_features(dirs["train"], mesh, token_ids=tc.pec)
     layout = None
     steps_per_epoch = input_pipeline.steps_per_epoch(features.num_images, tc.batch_size)
   total_steps = tc.num_epochs * steps_per_epoch

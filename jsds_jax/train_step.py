@@ -30,12 +30,14 @@ import optax
 from jsds_jax import input_pipeline
 from jsds_jax import losses
 from jsds_jax import optim
+from jsds_jax import pec
 from jsds_jax import sharding
 from jsds_jax.models import jsds
 
 P = jax.sharding.PartitionSpec
 AXIS = input_pipeline.DATA_AXIS
 MODES = ("jsds", "dense_only", "d2s")
+_PEC_STREAM = 1  # fold_in of the step key for PEC's draw (dropout uses the step key itself)
 
 
 @flax.struct.dataclass
@@ -176,11 +178,17 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     train on (a Python int or an int32 scalar: it is traced, changing it does not recompile).
     metrics: () float32 each: the loss's parts (see `jsds_jax.losses`), "loss", "tau",
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
-    (after pmean, before clipping), "param_norm", "lr_embed", "lr_head".
+    (after pmean, before clipping), "param_norm", "lr_embed", "lr_head"; with `train.pec`
+    also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
+    With `train.pec` the features must carry the caption token ids.
   """
   settings = LossSettings.from_config(train, total_steps)
   encode = _ENCODERS[settings.mode]
   scheds = optim.schedules(train, total_steps)
+  use_pec = bool(train.pec)
+  if use_pec and settings.mode == "dense_only":
+    raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
+                     "not 'dense_only'")
 
   def per_device(state: TrainState, features: input_pipeline.DeviceFeatures,
                  order: jax.Array, step_in_epoch: jax.Array):
@@ -189,13 +197,22 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
     image_idx = gather(image_idx)
     step_rng = jax.random.fold_in(state.rng, state.step)
+    if use_pec:
+      token_ids = input_pipeline.gather_token_ids(features, caption_idx)
+      pec_prob = pec.probability(state.step, total_steps, train.pec_fraction)
 
     def loss_fn(params):
       out = module.apply({"params": params}, h_img, h_txt, method=encode,
                          rngs={"dropout": step_rng})
+      extra = {}
+      if use_pec:  # before the all-gather: each device masks its own captions
+        out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids,
+                                               jax.random.fold_in(step_rng, _PEC_STREAM),
+                                               pec_prob)
+        extra = dict(pec_prob=pec_prob, pec_masked=masked)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings)
-      metrics = dict(metrics, loss=loss, tau=out["tau"])
+      metrics = dict(metrics, loss=loss, tau=out["tau"], **extra)
       if "z_i" in out:
         metrics.update(nnz_image=_mean_nnz(out["z_i"]), nnz_text=_mean_nnz(out["z_t"]))
       return loss, metrics
