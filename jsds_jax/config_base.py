@@ -56,13 +56,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   # Two AdamW groups. "embed": the params whose path matches `params` (the sparse head's
-  # LayerNorm, word embeddings E and vocab bias c); "head": everything else (W_s, the dense
-  # projections, tau). These defaults are the official code's two-group optimizer (its D2S
+  # LayerNorm, word embeddings E and vocab bias c, and in the last_block variant the towers'
+  # pretrained last blocks); "head": everything else (W_s, the dense projections, tau). These defaults are the official code's two-group optimizer (its D2S
   # branch: LN + E at 5e-5 without decay, the rest at 1e-3). Its JSDS runs train every tail
   # param at the table's lr with decay 0.05 in one group, which the paper configs reproduce by
   # giving both groups those values (configs/blip_coco.py explains).
   c.train.embed = ml_collections.ConfigDict()
-  c.train.embed.params = r"^sparse_head/(layer_norm|word_embeddings|vocab_bias)(/|$)"
+  c.train.embed.params = (r"^(sparse_head/(layer_norm|word_embeddings|vocab_bias)"
+                          r"|image_block|text_block)(/|$)")
   c.train.embed.lr = 5e-5
   c.train.embed.weight_decay = 0.0
   c.train.head = ml_collections.ConfigDict()

@@ -33,7 +33,7 @@ GROUPS = (EMBED, HEAD)
 MODE_FREEZE = {
     "jsds": (),
     "dense_only": (r"^sparse_head/",),
-    "d2s": (r"^image_tail/", r"^text_tail/", r"^tau$"),
+    "d2s": (r"^image_tail/", r"^text_tail/", r"^tau$", r"^image_block/", r"^text_block/"),
 }
 
 

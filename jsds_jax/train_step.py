@@ -101,20 +101,28 @@ class LossSettings:
                **{k: train.loss[k] for k in fields})
 
 
-def _encode_dense(m: jsds.JSDSTail, h_img, h_txt):
-  return dict(e_i=m.image_tail(h_img), e_t=m.text_tail(h_txt), tau=m.temperature())
+# Each encoder: (module, h_img, h_txt, caption token ids or None) -> outputs. h is the cached
+# pooled state, or token states in the last_block variant (the ids are then the text block's).
 
 
-def _encode_d2s(m: jsds.JSDSTail, h_img, h_txt):
+def _dense(m: jsds.JSDSTail, h_img, h_txt, token_ids):
+  return m.image_tail(m.pooled_image(h_img)), m.text_tail(m.pooled_text(h_txt, token_ids))
+
+
+def _encode_dense(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
+  e_i, e_t = _dense(m, h_img, h_txt, token_ids)
+  return dict(e_i=e_i, e_t=e_t, tau=m.temperature())
+
+
+def _encode_d2s(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
   # The dense side is the frozen teacher: no gradient flows back into it through z.
-  e_i = jax.lax.stop_gradient(m.image_tail(h_img))
-  e_t = jax.lax.stop_gradient(m.text_tail(h_txt))
+  e_i, e_t = jax.lax.stop_gradient(_dense(m, h_img, h_txt, token_ids))
   z_i, z_t = m.sparse_terms(e_i, e_t)
   return dict(e_i=e_i, e_t=e_t, z_i=z_i, z_t=z_t, tau=m.temperature())
 
 
-def _encode_all(m: jsds.JSDSTail, h_img, h_txt):
-  return m(h_img, h_txt)
+def _encode_all(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
+  return m(h_img, h_txt, token_ids)
 
 
 _ENCODERS = {"jsds": _encode_all, "dense_only": _encode_dense, "d2s": _encode_d2s}
@@ -176,6 +184,10 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     `input_pipeline.DeviceFeatures`, `order` the epoch's (steps, B) int32 caption indices from
     `input_pipeline.device_order` (batch axis over 'data'), and `step_in_epoch` the row to
     train on (a Python int or an int32 scalar: it is traced, changing it does not recompile).
+    In the last_block variant (the module has `image_block` / `text_block`) a fifth argument
+    `streamed` holds the step's token states, batch axis over 'data', in the order of the
+    step's row of `order`: {"image_tokens": (B, L_i, D_img), "text_tokens": (B, L_t, D_txt)}
+    for the modalities with a block; the features must then carry the caption token ids.
     metrics: () float32 each: the loss's parts (see `jsds_jax.losses`), "loss", "tau",
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
     (after pmean, before clipping), "param_norm", "lr_embed", "lr_head"; with `train.pec`
@@ -189,20 +201,27 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   if use_pec and settings.mode == "dense_only":
     raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
                      "not 'dense_only'")
+  needs_ids = use_pec or module.text_block is not None
 
   def per_device(state: TrainState, features: input_pipeline.DeviceFeatures,
-                 order: jax.Array, step_in_epoch: jax.Array):
+                 order: jax.Array, step_in_epoch: jax.Array, streamed):
     caption_idx = jax.lax.dynamic_index_in_dim(order, step_in_epoch, 0, keepdims=False)
     h_img, h_txt, image_idx = input_pipeline.gather_batch(features, caption_idx)
+    if module.image_block is not None:  # last_block: this step's token states, streamed in
+      h_img = streamed["image_tokens"]
+    if module.text_block is not None:
+      h_txt = streamed["text_tokens"]
     gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
     image_idx = gather(image_idx)
     step_rng = jax.random.fold_in(state.rng, state.step)
-    if use_pec:
+    token_ids = None
+    if needs_ids:
       token_ids = input_pipeline.gather_token_ids(features, caption_idx)
+    if use_pec:
       pec_prob = pec.probability(state.step, total_steps, train.pec_fraction)
 
     def loss_fn(params):
-      out = module.apply({"params": params}, h_img, h_txt, method=encode,
+      out = module.apply({"params": params}, h_img, h_txt, token_ids, method=encode,
                          rngs={"dropout": step_rng})
       extra = {}
       if use_pec:  # before the all-gather: each device masks its own captions
@@ -230,11 +249,13 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  def sharded(state, features, order, step_in_epoch):
+  def sharded(state, features, order, step_in_epoch, streamed=None):
     # The features' spec follows their layout (static): replicated P(), or one shard per
     # device P('data') in multi-process runs (input_pipeline's "sharded" layout).
-    specs = (P(), input_pipeline.features_spec(features), P(None, AXIS), P())
+    if (module.image_block is not None or module.text_block is not None) and streamed is None:
+      raise ValueError("the last_block variant needs this step's streamed token states")
+    specs = (P(), input_pipeline.features_spec(features), P(None, AXIS), P(), P(AXIS))
     return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P()))(
-        state, features, order, step_in_epoch)
+        state, features, order, step_in_epoch, streamed)
 
   return jax.jit(sharded, donate_argnums=(0,), compiler_options=compiler_options)

@@ -64,6 +64,9 @@ class JSDSTail(nn.Module):
     use_vocab_bias: whether the sparse head has the (V,) bias c.
     tau_init, tau_min, tau_max: the temperature's start value and clamp range.
     dtype: computation dtype; params stay float32.
+    image_block, text_block: the "last_block" variant (`last_block.block_for(tower)`): a
+      trainable last transformer block that turns cached token states into h first; None
+      (the default) reads cached pooled h directly.
   """
 
   embed_dim: int
@@ -75,6 +78,8 @@ class JSDSTail(nn.Module):
   tau_min: float = TAU_MIN
   tau_max: float = TAU_MAX
   dtype: Any = jnp.float32
+  image_block: Optional[nn.Module] = None
+  text_block: Optional[nn.Module] = None
 
   def setup(self):
     self.image_tail = _dense_tail(self)
@@ -87,27 +92,46 @@ class JSDSTail(nn.Module):
     """() the clamped τ (see `clamp_tau`)."""
     return clamp_tau(self.tau, self.tau_min, self.tau_max)
 
+  def pooled_image(self, h: jax.Array) -> jax.Array:
+    """h (B, D_img) as cached, or (B, L_i, D_img) token states with `image_block` -> (B, D_img)."""
+    return h if self.image_block is None else self.image_block(h)
+
+  def pooled_text(self, h: jax.Array, token_ids: Optional[jax.Array] = None) -> jax.Array:
+    """h (B, D_txt), or (B, L_t, D_txt) token states and (B, L_t) ids (-1 = padding) with
+    `text_block` -> (B, D_txt)."""
+    if self.text_block is None:
+      return h
+    if token_ids is None:
+      raise ValueError("the last_block text tail needs the captions' token ids")
+    return self.text_block(h, token_ids)
+
   def encode_image(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Args: h (B, D_img) cached image features. Returns: e (B, P) unit-norm, z (B, V) >= 0."""
-    e = self.image_tail(h)
+    """Args: h (B, D_img) cached image features (token states with `image_block`).
+    Returns: e (B, P) unit-norm, z (B, V) >= 0."""
+    e = self.image_tail(self.pooled_image(h))
     return e, self.sparse_head(e)
 
-  def encode_text(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Args: h (B, D_txt) cached caption features. Returns: e (B, P) unit-norm, z (B, V) >= 0."""
-    e = self.text_tail(h)
+  def encode_text(self, h: jax.Array,
+                  token_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Args: h (B, D_txt) cached caption features (token states and ids with `text_block`).
+    Returns: e (B, P) unit-norm, z (B, V) >= 0."""
+    e = self.text_tail(self.pooled_text(h, token_ids))
     return e, self.sparse_head(e)
 
-  def __call__(self, h_img: jax.Array, h_txt: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, h_img: jax.Array, h_txt: jax.Array,
+               token_ids: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Encodes a batch of images and captions.
 
     Args:
-      h_img: (B_i, D_img) image features.
-      h_txt: (B_t, D_txt) caption features.
+      h_img: (B_i, D_img) image features ((B_i, L_i, D_img) token states with `image_block`).
+      h_txt: (B_t, D_txt) caption features ((B_t, L_t, D_txt) with `text_block`).
+      token_ids: (B_t, L_t) caption token ids, -1 at padding; only with `text_block`.
 
     Returns:
       {"e_i": (B_i, P), "z_i": (B_i, V), "e_t": (B_t, P), "z_t": (B_t, V), "tau": () clamped}.
     """
-    e_i, e_t = self.image_tail(h_img), self.text_tail(h_txt)
+    e_i = self.image_tail(self.pooled_image(h_img))
+    e_t = self.text_tail(self.pooled_text(h_txt, token_ids))
     z_i, z_t = self.sparse_terms(e_i, e_t)
     return dict(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=self.temperature())
 
@@ -129,7 +153,9 @@ class JSDSTail(nn.Module):
 def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: int,
                    vision_proj: Optional[Mapping[str, Any]] = None,
                    text_proj: Optional[Mapping[str, Any]] = None,
-                   word_embeddings: Any = None) -> dict:
+                   word_embeddings: Any = None,
+                   image_block_params: Optional[Mapping[str, Any]] = None,
+                   text_block_params: Optional[Mapping[str, Any]] = None) -> dict:
   """Params of a `JSDSTail`, starting from the backbone's pieces where it has them.
 
   Args:
@@ -139,9 +165,12 @@ def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: i
     vision_proj, text_proj: {"kernel": (D, P), "bias": (P,)} from the backbone's converter, or
       None for a fresh init (a backbone without projections, e.g. `lit`).
     word_embeddings: (V, d_w) text-encoder word embeddings to tie E to, or None.
+    image_block_params, text_block_params: the frozen towers' last blocks
+      (`last_block.block_params`); required exactly when the module has that block.
 
   Returns:
-    {"image_tail": ..., "text_tail": ..., "sparse_head": ..., "tau": ()}, float32.
+    {"image_tail": ..., "text_tail": ..., "sparse_head": ..., "tau": ()} (+ "image_block",
+    "text_block" in the last_block variant), float32.
   """
   k_img, k_txt, k_head = jax.random.split(rng, 3)
   # Part by part, so pieces that come from the backbone are never randomly initialised.
@@ -154,8 +183,18 @@ def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: i
                                                       module.embed_dim, word_embeddings),
       "tau": jnp.asarray(module.tau_init, jnp.float32),
   }
-  reference = jax.eval_shape(module.init, rng, jnp.zeros((1, image_dim), jnp.float32),
-                             jnp.zeros((1, text_dim), jnp.float32))["params"]
+  for name, block, block_params in (("image_block", module.image_block, image_block_params),
+                                    ("text_block", module.text_block, text_block_params)):
+    if (block is None) != (block_params is None):
+      raise ValueError(f"{name}: the module {'has' if block is not None else 'has no'} such "
+                       "block, so its params must be given exactly then")
+    if block_params is not None:
+      params[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(block_params))
+  # Token inputs (length 2) where a block reads them, pooled vectors otherwise.
+  h_img = jnp.zeros((1, 2, image_dim) if module.image_block else (1, image_dim), jnp.float32)
+  h_txt = jnp.zeros((1, 2, text_dim) if module.text_block else (1, text_dim), jnp.float32)
+  ids = jnp.zeros((1, 2), jnp.int32) if module.text_block else None
+  reference = jax.eval_shape(module.init, rng, h_img, h_txt, ids)["params"]
   convert.assert_same_structure(params, reference, "JSDSTail params")
   return params
 
