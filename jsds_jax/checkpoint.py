@@ -52,7 +52,9 @@ PARAMS, TRAIN_STATE, METADATA, PROGRESS = "params", "train_state", "metadata", "
 # feature cache): the tail's shapes, the inputs it was trained on, and what fixes the data order.
 RESUME_KEYS = ("backbone", "weights_hash", "dataset", "image_dim", "text_dim", "embed_dim",
                "vocab_size", "word_dim", "use_bias", "use_vocab_bias", "mode", "batch_size",
-               "steps_per_epoch", "seed", "features_layout")
+               "steps_per_epoch", "seed", "features_layout", "last_block")
+# What a field means when a checkpoint written before it existed lacks it.
+_ABSENT_MEANS = {"last_block": ""}
 TAIL_KEYS = ("backbone", "weights_hash", "image_dim", "text_dim")
 
 
@@ -87,6 +89,7 @@ def make_metadata(config: ml_collections.ConfigDict, module: jsds.JSDSTail,
       "use_bias": bool(module.use_bias),
       "use_vocab_bias": bool(module.use_vocab_bias),
       "dtype": jnp.dtype(module.dtype).name,
+      "last_block": str(config.model.last_block),
       "mode": config.train.mode,
       "w1": float(config.train.loss.w1),
       "w2": float(config.train.loss.w2),
@@ -110,8 +113,9 @@ def tail_module(metadata: Mapping[str, Any]) -> jsds.JSDSTail:
 def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],
                      keys: Sequence[str] = RESUME_KEYS, where: str = "checkpoint") -> None:
   """Raises CheckpointError naming every field on which `saved` and `expected` disagree."""
-  diffs = [f"{k}: {saved.get(k)!r} in the {where}, {expected.get(k)!r} now"
-           for k in keys if k in expected and saved.get(k) != expected.get(k)]
+  value = lambda k: saved.get(k, _ABSENT_MEANS.get(k))
+  diffs = [f"{k}: {value(k)!r} in the {where}, {expected.get(k)!r} now"
+           for k in keys if k in expected and value(k) != expected.get(k)]
   if diffs:
     raise CheckpointError(f"the {where} does not match this run ({'; '.join(diffs)}); use a "
                           "fresh workdir, or the config and feature cache it was made with")

@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 0           # P; 0 = the backbone projection's width, 256 without one
   c.model.use_vocab_bias = True   # the sparse head's (V,) bias c
   c.model.dtype = "float32"       # computation dtype ("bfloat16" on accelerators)
+  # The "last_block" variant (jsds_jax/models/last_block.py): "" off, or "image", "text",
+  # "both": that side trains a copy of its tower's last transformer block on cached token
+  # states (needs encode.last_block=True; the states stream from the host each step).
+  c.model.last_block = ""
   return c
 
 

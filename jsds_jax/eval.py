@@ -464,7 +464,10 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
   cap_index = np.asarray(cache["caption_image_index"])
 
-  out = tail_outputs.apply_tail(params, cache, batch_size)
+  if backbone is None and any(k.endswith("_block") for k in params):
+    from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+    backbone = backbones.load_backbone(config.backbone)
+  out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
   scores = score_matrices(out, w1, w2)
   per_kind = {kind: metrics.retrieval_metrics(scores[kind], cap_index) for kind in KINDS}
   notes = []
@@ -562,6 +565,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
   # Before any encoding: a checkpoint of another backbone would waste the whole encode.
   check_compatible(params, {"backbone": backbone.name, "weights_hash": backbone.weights_hash},
                    meta, vocab_size=backbone.vocab_size)
+  if any(k.endswith("_block") for k in params) and not config.encode.last_block:
+    # A last_block checkpoint reads token states: the cache encode writes with last_block.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.encode.last_block = True
+    logging.info("the checkpoint trains last blocks: using the encode.last_block=True cache")
   split_dir = find_or_build_cache(config, split, backbone)
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint).resolve()
   return evaluate(config, params, split_dir, out_dir, meta, backbone=backbone,

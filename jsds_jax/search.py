@@ -100,7 +100,7 @@ class Searcher:
     if params is None:
       params = eval_lib.load_tail_params(self.root / eval_lib.TAIL_PARAMS)
     self.params = params
-    self.module = tail_outputs.tail_module_for(params)
+    self.module = tail_outputs.tail_module_for(params, backbone)
     vocab_size = tail_outputs.feature_dims(params)["vocab_size"]
     if vocab_size != backbone.vocab_size:
       raise ValueError(f"vocabulary size differs: the tail's sparse head has {vocab_size} terms, "
@@ -119,9 +119,18 @@ class Searcher:
     if dtype != "float32":  # the cache's numerics, so a query equals the same cached caption
       tower = tower.clone(dtype=jnp.dtype(dtype))
     module = self.module
-    self._encode = jax.jit(lambda tv, p, ids, mask: module.apply(
-        {"params": p}, tower.apply(tv, ids, mask).pooled.astype(jnp.float32),
-        method=module.encode_text))
+
+    def encode(tv, p, ids, mask):
+      out = tower.apply(tv, ids, mask)
+      if module.text_block is None:
+        return module.apply({"params": p}, out.pooled.astype(jnp.float32),
+                            method=module.encode_text)
+      # The trained last block reads the states entering it, as the cache stored them (bf16).
+      states = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
+      return module.apply({"params": p}, states, jnp.where(mask > 0, ids, -1),
+                          method=module.encode_text)
+
+    self._encode = jax.jit(encode)
 
   @property
   def image_sparse(self):

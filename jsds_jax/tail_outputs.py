@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jsds_jax.data import feature_cache
 from jsds_jax.models import jsds
+from jsds_jax.models import last_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +40,57 @@ class TailOutputs:
   tau: float
 
 
-def tail_module_for(params: Mapping[str, Any]) -> jsds.JSDSTail:
+def tail_module_for(params: Mapping[str, Any], backbone: Any = None) -> jsds.JSDSTail:
   """The `JSDSTail` whose params have the shapes of `params` (the checkpoint fixes them).
 
   Args:
-    params: {"image_tail", "text_tail", "sparse_head", "tau"} as `init_jsds_tail` returns.
+    params: {"image_tail", "text_tail", "sparse_head", "tau"} as `init_jsds_tail` returns,
+      plus "image_block" / "text_block" in the last_block variant.
+    backbone: the loaded backbone; needed only with last blocks (its towers define them).
+
+  Raises:
+    ValueError: the params hold a last block and no backbone was given.
   """
   head = params["sparse_head"]
   vocab_size, word_dim = np.shape(head["word_embeddings"])
   embed_dim = np.shape(params["image_tail"]["proj"]["kernel"])[1]
+  blocks = {}
+  for side in ("image", "text"):
+    if f"{side}_block" in params:
+      if backbone is None:
+        raise ValueError(f"these params hold a trained {side} last block: the backbone, whose "
+                         "tower defines that block, is needed to rebuild the tail")
+      tower = backbone.image_tower if side == "image" else backbone.text_tower
+      blocks[f"{side}_block"] = last_block.block_for(tower)
   return jsds.JSDSTail(embed_dim=int(embed_dim), vocab_size=int(vocab_size),
                        word_dim=int(word_dim), use_bias="bias" in params["image_tail"]["proj"],
-                       use_vocab_bias="vocab_bias" in head)
+                       use_vocab_bias="vocab_bias" in head, **blocks)
+
+
+def split_inputs(module: jsds.JSDSTail, cache: Mapping[str, Any],
+                 where: Any = "the cache") -> dict[str, tuple[Any, Any]]:
+  """What the tail reads of a split: {"image": (h, None), "text": (h, token ids or None)}.
+
+  h is the pooled (N, D) cache, or with a last block the (N, L, D) token states (memory-
+  mapped, read batch by batch); a text block also reads the (N, L) token ids.
+
+  Raises:
+    CacheError: the cache lacks the token states or ids the module needs.
+  """
+  def need(name: str, why: str):
+    if name not in cache:
+      raise feature_cache.CacheError(f"feature cache {where} has no {name}, which {why} needs "
+                                     "(encode with --config.encode.last_block=True)")
+    return cache[name]
+
+  image = (need("image_last_block_input", "the trained image last block")
+           if module.image_block is not None else cache["image_pooled"])
+  if module.text_block is not None:
+    text = (need("text_last_block_input", "the trained text last block"),
+            need("text_token_ids", "the trained text last block"))
+  else:
+    text = (cache["text_pooled"], None)
+  return {"image": (image, None), "text": text}
 
 
 def feature_dims(params: Mapping[str, Any]) -> dict[str, int]:
@@ -62,56 +103,76 @@ def feature_dims(params: Mapping[str, Any]) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=16)
 def _encoder(module: jsds.JSDSTail, kind: str):
-  """The jitted (params, h) -> (e, z) of one modality; cached so that repeated evaluations in
-  one process (validation during training, tests) compile once per tail shape."""
-  method = {"image": jsds.JSDSTail.encode_image, "text": jsds.JSDSTail.encode_text}[kind]
-  return jax.jit(lambda p, x: module.apply({"params": p}, x, method=method))
+  """The jitted (params, h, token ids or None) -> (e, z) of one modality; cached so that
+  repeated evaluations in one process (validation during training, tests) compile once per
+  tail shape."""
+  if kind == "image":
+    return jax.jit(lambda p, x, ids: module.apply({"params": p}, x,
+                                                  method=jsds.JSDSTail.encode_image))
+  return jax.jit(lambda p, x, ids: module.apply({"params": p}, x, ids,
+                                                method=jsds.JSDSTail.encode_text))
 
 
 def _to_csr(z: np.ndarray) -> sp.csr_matrix:
   return sp.csr_matrix(np.asarray(z, np.float32))
 
 
+# Rows per device call when the inputs are token states (L x D each, not D).
+TOKEN_BATCH = 128
+
+
 def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, kind: str,
-                    batch_size: int = 1024) -> tuple[np.ndarray, sp.csr_matrix]:
+                    batch_size: int = 1024,
+                    token_ids: Any = None) -> tuple[np.ndarray, sp.csr_matrix]:
   """Applies one modality's tail and the sparse head to (N, D) features, batch by batch.
 
   Args:
     module: the tail (`tail_module_for(params)`).
     params: its params.
-    h: (N, D) cached pre-projection features (a memmap is fine: one batch is read at a time).
+    h: (N, D) cached pre-projection features, or (N, L, D) token states for a side with a
+      last block (a memmap is fine: one batch is read at a time).
     kind: "image" or "text".
-    batch_size: rows per device call; the last batch is padded so one program serves all.
+    batch_size: rows per device call (at most `TOKEN_BATCH` for token states); the last batch
+      is padded so one program serves all.
+    token_ids: (N, L) caption token ids, -1 at padding; for a text last block.
 
   Returns:
     (e (N, P) float32, z (N, V) float32 CSR).
   """
   fn = _encoder(module, kind)
   n = h.shape[0]
+  if np.ndim(h) == 3:
+    batch_size = min(batch_size, TOKEN_BATCH)
   batch_size = max(1, min(batch_size, n))
   es, zs = [], []
   for start in range(0, n, batch_size):
     x = np.asarray(h[start:start + batch_size], np.float32)
+    ids = None if token_ids is None else np.asarray(token_ids[start:start + batch_size])
     count = x.shape[0]
     if count < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - count,) + x.shape[1:], x.dtype)])
-    e, z = fn(params, jnp.asarray(x))
+      if ids is not None:
+        ids = np.concatenate([ids, np.full((batch_size - count,) + ids.shape[1:], -1, ids.dtype)])
+    e, z = fn(params, jnp.asarray(x), None if ids is None else jnp.asarray(ids))
     es.append(np.asarray(e, np.float32)[:count])
     zs.append(_to_csr(np.asarray(z)[:count]))
   return np.concatenate(es), sp.vstack(zs, format="csr")
 
 
 def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
-               batch_size: int = 1024) -> TailOutputs:
+               batch_size: int = 1024, backbone: Any = None) -> TailOutputs:
   """Every image's and caption's (e, z) for one split's feature cache.
 
   Args:
     params: `JSDSTail` params.
     cache: `feature_cache.load_split(...)` of the split.
     batch_size: rows per device call.
+    backbone: the loaded backbone; needed only for params with last blocks.
   """
-  module = tail_module_for(params)
-  e_i, z_i = encode_features(module, params, cache["image_pooled"], "image", batch_size)
-  e_t, z_t = encode_features(module, params, cache["text_pooled"], "text", batch_size)
+  module = tail_module_for(params, backbone)
+  inputs = split_inputs(module, cache)
+  e_i, z_i = encode_features(module, params, inputs["image"][0], "image", batch_size)
+  e_t, z_t = encode_features(module, params, inputs["text"][0], "text", batch_size,
+                             token_ids=inputs["text"][1])
   tau = float(jsds.clamp_tau(jnp.asarray(params["tau"]), module.tau_min, module.tau_max))
   return TailOutputs(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=tau)

@@ -52,9 +52,13 @@ from jsds_jax import input_pipeline
 from jsds_jax import metrics as metrics_lib
 from jsds_jax import optim
 from jsds_jax import sharding
+from jsds_jax import tail_outputs
+from jsds_jax import token_stream
 from jsds_jax import train_step
 from jsds_jax.data import feature_cache
+from jsds_jax.models import backbones
 from jsds_jax.models import jsds
+from jsds_jax.models import last_block
 
 P = jax.sharding.PartitionSpec
 METRICS_FILE = "metrics.jsonl"
@@ -104,7 +108,9 @@ def tail_init_file(cache_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.ndarray],
-               image_dim: int, text_dim: int, rng: jax.Array) -> tuple[jsds.JSDSTail, dict]:
+               image_dim: int, text_dim: int, rng: jax.Array,
+               blocks: Mapping[str, tuple[Any, Any]] | None = None,
+               ) -> tuple[jsds.JSDSTail, dict]:
   """The `JSDSTail` and its starting params.
 
   Args:
@@ -113,10 +119,13 @@ def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.nda
       backbone has them, "image_proj.kernel" (D_img, P), "image_proj.bias" (P,), "text_proj.*".
     image_dim, text_dim: widths of the cached features.
     rng: key for what is freshly initialised.
+    blocks: the last_block variant's {side: (block module, tower params)}
+      (`last_block.blocks_for_backbone`); None or {} for the plain tail.
 
   Returns:
     (module, params).
   """
+  blocks = dict(blocks or {})
   projs = {}
   for name in ("image_proj", "text_proj"):
     if f"{name}.kernel" in tail_init:
@@ -132,10 +141,33 @@ def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.nda
                          word_dim=int(words.shape[1]),
                          use_bias=not projs or "bias" in projs["image_proj"],
                          use_vocab_bias=config.model.use_vocab_bias,
-                         dtype=jnp.dtype(config.model.dtype))
-  params = jsds.init_jsds_tail(rng, module, image_dim, text_dim, projs.get("image_proj"),
-                               projs.get("text_proj"), words)
+                         dtype=jnp.dtype(config.model.dtype),
+                         **{f"{side}_block": b for side, (b, _) in blocks.items()})
+  params = jsds.init_jsds_tail(
+      rng, module, image_dim, text_dim, projs.get("image_proj"), projs.get("text_proj"), words,
+      image_block_params=blocks["image"][1] if "image" in blocks else None,
+      text_block_params=blocks["text"][1] if "text" in blocks else None)
   return module, params
+
+
+def load_blocks(config: ml_collections.ConfigDict,
+                cache_meta: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """`model.last_block`'s blocks from the frozen backbone ({} when the variant is off).
+
+  Raises:
+    ValueError: the variant is on without encode.last_block, or the backbone is not the one
+      the cache was encoded with.
+  """
+  if not last_block.sides(config.model.last_block):
+    return {}
+  if not config.encode.last_block:
+    raise ValueError(f"model.last_block={config.model.last_block!r} trains on the token states "
+                     "entering the last block: set --config.encode.last_block=True too")
+  backbone = backbones.load_backbone(config.backbone)
+  feature_cache.check_matches(cache_meta, backbone=backbone.name,
+                              weights_hash=backbone.weights_hash)
+  return last_block.blocks_for_backbone(backbone, config.model.last_block,
+                                        jnp.dtype(config.model.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,19 +201,25 @@ class Evaluator:
     self.mesh = mesh or sharding.local_data_mesh()
     split = feature_cache.load_split(cache_dir, mmap=True)
     self.meta = split["meta"]
-    self.h_img = np.asarray(split["image_pooled"], np.float32)
-    self.h_txt = np.asarray(split["text_pooled"], np.float32)
+    inputs = tail_outputs.split_inputs(module, split, f"'{cache_dir}'")
+    # Pooled caches are read whole; token states (last_block) stay memory-mapped.
+    self.h_img, self.h_txt = (x if np.ndim(x) == 3 else np.asarray(x, np.float32)
+                              for x in (inputs["image"][0], inputs["text"][0]))
+    self.token_ids = inputs["text"][1]
     self.caption_image_index = np.asarray(split["caption_image_index"], np.int64)
     n = self.mesh.size
     most = max(self.h_img.shape[0], self.h_txt.shape[0])
+    if np.ndim(self.h_img) == 3 or np.ndim(self.h_txt) == 3:
+      block = min(block, tail_outputs.TOKEN_BATCH)
     self.block = -(-min(block, most) // n) * n
     self.w1, self.w2 = float(w1), float(w2)
     self._rows = jax.sharding.NamedSharding(self.mesh, P(input_pipeline.DATA_AXIS))
     jit = lambda f: jax.jit(f, compiler_options=compiler_options)
 
     def encoder(method):
-      def encode(params, h, n_valid):
-        e, z = module.apply({"params": params}, h, method=method)
+      def encode(params, h, ids, n_valid):
+        args = (h,) if ids is None else (h, ids)
+        e, z = module.apply({"params": params}, *args, method=method)
         # Per term, how many of the block's real rows use it (for FLOPs), counted on the
         # devices so that the (block, V) vectors never travel to the host.
         valid = (jnp.arange(h.shape[0]) < n_valid)[:, None]
@@ -199,13 +237,19 @@ class Evaluator:
     s_s = jsds.sparse_scores(z_t, z_i)
     return s_d, s_s, jsds.integrated_scores(s_d, s_s, self.w1, self.w2)
 
-  def _encoded_blocks(self, params, h: np.ndarray, kind: str):
+  def _encoded_blocks(self, params, h: np.ndarray, kind: str, token_ids=None):
     """Yields (real rows, e (block, P), z (block, V), term counts (V,)) per block of h; the
-    last block is padded with zero rows."""
+    last block is padded with zero rows (and -1 token ids)."""
     for start in range(0, h.shape[0], self.block):
-      chunk = h[start:start + self.block]
+      chunk = np.asarray(h[start:start + self.block], np.float32)
       x = jax.device_put(_pad_rows(chunk, self.block), self._rows)
-      yield (chunk.shape[0], *self._encode[kind](params, x, chunk.shape[0]))
+      ids = None
+      if token_ids is not None:
+        ids = np.asarray(token_ids[start:start + self.block])
+        ids = np.concatenate([ids, np.full((self.block - len(ids),) + ids.shape[1:], -1,
+                                           ids.dtype)])
+        ids = jax.device_put(ids, self._rows)
+      yield (chunk.shape[0], *self._encode[kind](params, x, ids, chunk.shape[0]))
 
   def __call__(self, params) -> dict[str, Any]:
     """Metrics of `params` on the split.
@@ -226,7 +270,8 @@ class Evaluator:
     tau = self._tau(params)
     blocks = {k: [] for k in SCORE_KINDS}
     terms_t = 0.0
-    for rows, e_t, z_t, terms in self._encoded_blocks(params, self.h_txt, "text"):
+    for rows, e_t, z_t, terms in self._encoded_blocks(params, self.h_txt, "text",
+                                                      self.token_ids):
       terms_t = terms_t + np.asarray(terms, np.float64)
       for k, s in zip(SCORE_KINDS, self._scores(e_t, z_t, e_i, z_i, tau)):
         blocks[k].append(np.asarray(s)[:rows, :n_img])
@@ -442,20 +487,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   image_dim = train_cache["image_pooled"].shape[1]
   text_dim = train_cache["text_pooled"].shape[1]
   layout_name = features_layout(tc.features_layout)
+  blocks = load_blocks(config, train_cache["meta"])
+  # Caption token ids on the devices: PEC masks with them, a text last block attends with them.
+  token_ids = bool(tc.pec) or "text" in blocks
   if layout_name == "sharded":
     # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
     features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh,
-                                                            token_ids=tc.pec)
+                                                            token_ids=token_ids)
     steps_per_epoch = layout.steps_per_epoch(tc.batch_size)
   else:
-    features = input_pipeline.load_device_features(dirs["train"], mesh, token_ids=tc.pec)
+    features = input_pipeline.load_device_features(dirs["train"], mesh, token_ids=token_ids)
     layout = None
     steps_per_epoch = input_pipeline.steps_per_epoch(features.num_images, tc.batch_size)
   total_steps = tc.num_epochs * steps_per_epoch
 
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   module, params = build_tail(config, feature_cache.load_tail_init(tail_init_file(dirs["train"])),
-                              image_dim, text_dim, init_rng)
+                              image_dim, text_dim, init_rng, blocks)
+  # The last_block variant's token states, streamed from the host each step.
+  stream = (token_stream.TokenStream(train_cache, tuple(blocks), mesh, where=f"'{dirs['train']}'")
+            if blocks else None)
   metadata = checkpoint.make_metadata(config, module, train_cache["meta"], image_dim=image_dim,
                                       text_dim=text_dim, steps_per_epoch=steps_per_epoch,
                                       total_steps=total_steps)
@@ -492,12 +543,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with _Preemption() as preemption:
       while step < total_steps and status in ("", "preempted"):
         status = ""
-        order = input_pipeline.device_order(
-            input_pipeline.epoch_order(config.seed, position.epoch, cap_img, tc.batch_size,
-                                       layout=layout),
-            mesh)
+        host_order = input_pipeline.epoch_order(config.seed, position.epoch, cap_img,
+                                                tc.batch_size, layout=layout)
+        order = input_pipeline.device_order(host_order, mesh)
+        streamed = None
+        if stream is not None:
+          streamed = stream.steps(layout.global_captions(host_order) if layout is not None
+                                  else host_order, position.step_in_epoch)
         for k in range(position.step_in_epoch, steps_per_epoch):
-          state, step_metrics = step_fn(state, features, order, k)
+          if streamed is None:
+            state, step_metrics = step_fn(state, features, order, k)
+          else:
+            state, step_metrics = step_fn(state, features, order, k, next(streamed))
           step += 1
           window.items.append((step, step_metrics))
           bar.update(1)
@@ -526,6 +583,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             ckpt.save(state, metadata, progress)
           if done:
             break
+        if streamed is not None:
+          streamed.close()  # stops its read-ahead
         if status:
           break
     ckpt.wait_until_finished()

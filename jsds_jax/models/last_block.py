@@ -146,3 +146,38 @@ def _param_names(block: nn.Module) -> list[str]:
   if isinstance(block, CLIPTextLastBlock):
     return [f"layers_{block.config.num_hidden_layers - 1}", "final_layer_norm"]
   raise ValueError(f"not a last-block module: {type(block).__name__}")
+
+
+SIDES = {"": (), "image": ("image",), "text": ("text",), "both": ("image", "text")}
+
+
+def sides(setting: str) -> tuple[str, ...]:
+  """`model.last_block` ("", "image", "text", "both") as the sides that get a block."""
+  if setting not in SIDES:
+    raise ValueError(f"model.last_block must be one of {sorted(SIDES)}, got {setting!r}")
+  return SIDES[setting]
+
+
+def blocks_for_backbone(backbone: Any, setting: str,
+                        dtype: Any = jnp.float32) -> dict[str, tuple[nn.Module, dict]]:
+  """{side: (block module, its starting params from the frozen tower)} for `model.last_block`.
+
+  Args:
+    backbone: a loaded `backbones.Backbone`.
+    setting: "", "image", "text" or "both".
+    dtype: the blocks' computation dtype.
+
+  Raises:
+    ValueError: a requested side's tower has no transformer blocks.
+  """
+  out = {}
+  for side in sides(setting):
+    tower = backbone.image_tower if side == "image" else backbone.text_tower
+    variables = backbone.image_variables if side == "image" else backbone.text_variables
+    try:
+      block = block_for(tower, dtype)
+    except ValueError as e:
+      raise ValueError(f"model.last_block={setting!r}: the {backbone.name} backbone's {side} "
+                       f"side cannot: {e}") from e
+    out[side] = (block, block_params(block, variables["params"]))
+  return out
