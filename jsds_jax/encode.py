@@ -48,6 +48,7 @@ from jsds_jax.data import registry
 from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
 from jsds_jax.models import backbones
+from jsds_jax.models import last_block
 from jsds_jax import distributed
 from jsds_jax import sharding
 
@@ -258,9 +259,11 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   if settings.dtype != "float32":
     tower = tower.clone(dtype=jnp.dtype(settings.dtype))
   variables = backbone.image_variables if kind == "image" else backbone.text_variables
-  fn = _make_tower_fn(tower, variables, mesh, settings.last_block)
-  names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if settings.last_block else [])
-  if kind == "text" and settings.last_block:
+  # Token states only from towers with transformer blocks (not `lit`'s EfficientNet side).
+  states = settings.last_block and _has_last_block(tower)
+  fn = _make_tower_fn(tower, variables, mesh, states)
+  names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if states else [])
+  if kind == "text" and states:
     names.append("text_attention_mask")
   if kind == "text":
     names.append(TOKEN_IDS)
@@ -322,6 +325,16 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
         on_chunk(kind, k)
   bar.close()
   return num_chunks
+
+
+def _has_last_block(tower) -> bool:
+  try:
+    last_block.block_for(tower)
+  except ValueError:
+    logging.info("%s has no transformer blocks: no token states cached for it",
+                 type(tower).__name__)
+    return False
+  return True
 
 
 def _blank_inputs(kind: str, backbone, batch: int) -> tuple[np.ndarray, ...]:

@@ -5,11 +5,10 @@ backbone's own projection (`vision_proj` / `text_proj` for BLIP and ALBEF), made
 followed by L2 normalisation. Its params start from that projection when the backbone has one
 (`init_dense_tail(..., projection=...)`) and from a fresh initialisation otherwise (`lit`).
 
-TODO(last_block): DESIGN.md §3 also specifies a "last_block" variant, where the feature cache
-holds the token states entering the trunk's last transformer block and that block is trained
-together with the projection. Only the [CLS] path is built here: this module takes `(B, D_in)`
-cached [CLS] states. The variant needs a trainable copy of the tower's last block (from
-`TowerOutput.last_block_input`), [CLS] selection after it, then this same projection.
+In the "last_block" variant (DESIGN.md §3, `model.last_block`) h is not read from the cache
+but computed by a trainable copy of the tower's last transformer block from the cached token
+states entering it (`jsds_jax/models/last_block.py`, held by `JSDSTail`); this module is the
+same either way.
 """
 
 from collections.abc import Mapping

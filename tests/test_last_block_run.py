@@ -1,0 +1,115 @@
+"""The last_block variant end to end on the tiny backbone: encode with token states, train the
+blocks with the tail (states streamed from the host), validate, eval, search; and the stream."""
+
+import json
+import types
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jsds_jax import checkpoint
+from jsds_jax import eval as eval_lib
+from jsds_jax import search as search_lib
+from jsds_jax import tail_outputs
+from jsds_jax import token_stream
+from jsds_jax import train
+from jsds_jax.data import feature_cache
+from jsds_jax.models import backbones
+from jsds_jax.models import efficientnet_lite
+from jsds_jax.models import last_block
+import testing_utils  # tests/testing_utils.py
+
+
+def _config(tmp, **model):
+  config = testing_utils.load_config("tiny")
+  config.data.cache_dir = str(tmp / "data")
+  config.encode.cache_root = str(tmp / "features")
+  config.encode.last_block = True
+  config.model.last_block = "both"
+  config.train.num_epochs = 2
+  for k, v in model.items():
+    config.model[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("last_block")
+  config = _config(tmp)
+  result = train.train_and_evaluate(config, tmp / "run")
+  return dict(tmp=tmp, config=config, result=result, workdir=tmp / "run")
+
+
+def test_training_moves_the_blocks_and_validates(run):
+  assert run["result"]["status"] == "completed"
+  params, meta = checkpoint.load_params(run["workdir"] / "checkpoints")
+  assert meta["last_block"] == "both"
+  backbone = backbones.load_backbone(run["config"].backbone)
+  start = last_block.blocks_for_backbone(backbone, "both")
+  for side in ("image", "text"):
+    trained = params[f"{side}_block"]
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         trained, start[side][1])
+    assert max(jax.tree.leaves(moved)) > 0, side
+  records = [json.loads(l) for l in (run["workdir"] / train.METRICS_FILE).read_text().splitlines()]
+  val = [r for r in records if r["kind"] == "val"]
+  assert len(val) == 2 and all(0 <= r["sparse/t2i/R@1"] <= 100 for r in val)
+
+
+def test_eval_and_search_use_the_trained_blocks(run):
+  config = _config(run["tmp"])
+  config.encode.last_block = False  # eval switches to the token-state cache by itself
+  out = run["tmp"] / "eval"
+  report = eval_lib.evaluate_checkpoint(config, run["workdir"], out, html_report=False)
+  assert set(report["t2i"]) >= {"dense", "sparse", "integrated"}
+  backbone = backbones.load_backbone(config.backbone)
+  params, _ = checkpoint.load_params(run["workdir"])
+  cache = feature_cache.load_split(report["split"]["cache"])
+  assert "text_last_block_input" in cache
+  outputs = tail_outputs.apply_tail(params, cache, backbone=backbone)
+  # A cached caption as a query: the tower's states through the trained block equal the cache's.
+  searcher = search_lib.Searcher(out, backbone=backbone)
+  caption = cache["items"]["captions"][3]
+  e_q, z_q = searcher.encode_query(caption)
+  np.testing.assert_allclose(e_q, outputs.e_t[3], atol=1e-5)
+  np.testing.assert_allclose(z_q, outputs.z_t[3].toarray()[0], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="backbone"):
+    tail_outputs.tail_module_for(params)  # the blocks are defined by the towers
+
+
+def test_variant_needs_token_states_and_transformer_towers(tmp_path):
+  config = _config(tmp_path)
+  config.encode.last_block = False
+  with pytest.raises(ValueError, match="encode.last_block=True"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  lit_like = types.SimpleNamespace(name="lit", image_tower=efficientnet_lite.EfficientNetLite(),
+                                   image_variables={"params": {}})
+  with pytest.raises(ValueError, match="lit backbone's image side cannot"):
+    last_block.blocks_for_backbone(lit_like, "image")
+  with pytest.raises(ValueError, match="model.last_block must be one of"):
+    last_block.sides("all")
+
+
+def test_stream_reads_each_steps_rows_onto_the_mesh():
+  rng = np.random.default_rng(0)
+  n_img, caps = 6, 2
+  split = {"caption_image_index": np.repeat(np.arange(n_img), caps),
+           "image_last_block_input": rng.normal(size=(n_img, 3, 4)).astype(ml_dtypes.bfloat16),
+           "text_last_block_input": rng.normal(size=(n_img * caps, 5, 4)).astype(
+               ml_dtypes.bfloat16)}
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  stream = token_stream.TokenStream(split, ("image", "text"), mesh, prefetch=2)
+  order = np.stack([rng.permutation(n_img * caps)[:4] for _ in range(5)])
+  got = list(stream.steps(order, start=2))
+  assert len(got) == 3
+  for k, batch in zip(range(2, 5), got):
+    assert batch["text_tokens"].sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(batch["text_tokens"], split["text_last_block_input"][order[k]])
+    np.testing.assert_array_equal(
+        batch["image_tokens"], split["image_last_block_input"][split["caption_image_index"][
+            order[k]]])
+  with pytest.raises(feature_cache.CacheError, match="encode.last_block=True"):
+    token_stream.TokenStream({"caption_image_index": split["caption_image_index"]}, ("text",),
+                             mesh)
