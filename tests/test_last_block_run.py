@@ -2,6 +2,9 @@
 blocks with the tail (states streamed from the host), validate, eval, search; and the stream."""
 
 import json
+import pathlib
+import subprocess
+import sys
 import types
 
 import jax
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from jsds_jax import checkpoint
+from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import search as search_lib
 from jsds_jax import tail_outputs
@@ -113,3 +117,48 @@ def test_stream_reads_each_steps_rows_onto_the_mesh():
   with pytest.raises(feature_cache.CacheError, match="encode.last_block=True"):
     token_stream.TokenStream({"caption_image_index": split["caption_image_index"]}, ("text",),
                              mesh)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_rows_and_match_one(tmp_path):
+  """Two real training processes (2 fake devices each, sharded layout: each reads only its own
+  rows of the token-state cache) end with the params of one process with 4 devices."""
+  config = _config(tmp_path)
+  encode.encode(config, progress=False)  # the cache both runs read
+  flags = [f"--config.data.cache_dir={tmp_path / 'data'}",
+           f"--config.encode.cache_root={tmp_path / 'features'}",
+           "--config.encode.last_block=True", "--config.model.last_block=both",
+           "--config.train.num_epochs=2", "--config.train.features_layout=sharded",
+           "--config.train.checkpoint_every=100"]
+  cmd = lambda wd: [sys.executable, "-m", "jsds_jax.train", "--config",
+                    str(testing_utils.REPO / "configs/tiny.py"), "--workdir", str(wd), *flags]
+  jax_cache = tmp_path / "jax_cache"
+  port = testing_utils.free_port()
+  runs = {"ref": [({}, 4)], "two": [(dict(JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                          JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(p)), 2)
+                                    for p in range(2)]}
+  procs = []
+  for name, members in runs.items():
+    (tmp_path / name).mkdir()
+    for i, (extra, devices) in enumerate(members):
+      log = open(tmp_path / name / f"log.{i}", "w")  # pylint: disable=consider-using-with
+      procs.append((subprocess.Popen(
+          cmd(tmp_path / name), env=testing_utils.jax_subprocess_env(devices, jax_cache, **extra),
+          stdout=log, stderr=subprocess.STDOUT, cwd=testing_utils.REPO), log))
+  try:
+    for p, log in procs:
+      p.wait(timeout=300)
+      assert p.returncode == 0, pathlib.Path(log.name).read_text()[-3000:]
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        p.kill()
+      log.close()
+  ref, _ = checkpoint.load_params(tmp_path / "ref" / "checkpoints")
+  two, _ = checkpoint.load_params(tmp_path / "two" / "checkpoints")
+  flat = dict(jax.tree_util.tree_leaves_with_path(ref))
+  for path, x in jax.tree_util.tree_leaves_with_path(two):
+    name = jax.tree_util.keystr(path)
+    if "bias" in name and ("'key'" in name or "'qkv'" in name):
+      continue  # attention ignores the key bias: its Adam steps are rounding noise (test_last_block.py)
+    np.testing.assert_allclose(x, flat[path], rtol=1e-5, atol=1e-6, err_msg=name)
