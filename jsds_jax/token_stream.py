@@ -7,7 +7,11 @@ devices run the current one, so the read overlaps the step. Each array is placed
 axis over 'data' (`jax.make_array_from_callback`), which calls back only for this process's
 devices: with several processes each reads only the rows its own devices train on.
 
-Rows are read in ascending order (forward through the file) and put back in batch order.
+Rows are read in ascending order (forward through the file) and put back in batch order, by a
+few threads at once. Measured here (2-core CPU, shared): a batch of 256 BLIP-B image states
+(577 × 768 bf16, 227 MB) comes out of the page cache in 90 ms with one thread, 49 ms with
+four; at that rate such batches bound a run at ~20 steps/s however fast the devices are, so
+keep the cache on fast local disk (or in RAM) for the image side.
 """
 
 from collections.abc import Iterator, Mapping
@@ -26,11 +30,22 @@ STREAMS = {"image": ("image_tokens", "image_last_block_input"),
            "text": ("text_tokens", "text_last_block_input")}
 
 
-def _read_rows(source: Any, rows: np.ndarray) -> np.ndarray:
-  """source[rows] with the rows read in ascending order."""
-  order = np.argsort(rows, kind="stable")
+# Threads reading one batch's rows: page-cache copies of one thread run at a few GB/s, well
+# below what memory (and a host-to-GPU copy) sustains.
+_READ_THREADS = 4
+
+
+def _read_rows(source: Any, rows: np.ndarray, pool: concurrent.futures.Executor) -> np.ndarray:
+  """source[rows]: contiguous runs of the output filled in parallel, each run's rows read in
+  ascending order (forward through the file)."""
   out = np.empty((len(rows),) + tuple(source.shape[1:]), source.dtype)
-  out[order] = source[rows[order]]
+
+  def fill(a: int, b: int) -> None:
+    order = np.argsort(rows[a:b], kind="stable")
+    out[a + order] = source[rows[a:b][order]]
+
+  bounds = np.linspace(0, len(rows), min(_READ_THREADS, max(1, len(rows))) + 1).astype(int)
+  list(pool.map(lambda ab: fill(*ab), zip(bounds[:-1], bounds[1:])))
   return out
 
 
@@ -61,6 +76,8 @@ class TokenStream:
     self._cap_img = np.asarray(split["caption_image_index"], np.int64)
     self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
     self.prefetch = max(1, int(prefetch))
+    self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS,
+                                                          thread_name_prefix="token_reader")
 
   def batch(self, captions: np.ndarray) -> dict[str, jax.Array]:
     """{"image_tokens": (B, L_i, D_img), "text_tokens": (B, L_t, D_txt)} (the streamed sides)
@@ -72,7 +89,8 @@ class TokenStream:
       shape = (len(rows),) + tuple(source.shape[1:])
       out[name] = jax.make_array_from_callback(
           shape, self._sharding,
-          lambda index, source=source, rows=rows: _read_rows(source, rows[index[0]]))
+          lambda index, source=source, rows=rows: _read_rows(source, rows[index[0]],
+                                                             self._readers))
     return out
 
   def steps(self, order: np.ndarray, start: int = 0) -> Iterator[dict[str, jax.Array]]:
