@@ -38,13 +38,15 @@ class ViTLastBlock(nn.Module):
 
   config: vit.ViTConfig
   dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_ids: Optional[jax.Array] = None) -> jax.Array:
     """(B, 1 + P, D) states entering the last block -> (B, D) pooled."""
     del token_ids
     cfg = self.config
-    x = vit.ViTBlock(cfg, dtype=self.dtype, name=f"blocks_{cfg.num_layers - 1}")(
+    x = vit.ViTBlock(cfg, dtype=self.dtype, attention_impl=self.attention_impl,
+                     name=f"blocks_{cfg.num_layers - 1}")(
         tokens.astype(self.dtype))
     x = nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
                      name="norm")(x)
@@ -58,13 +60,15 @@ class BertLastBlock(nn.Module):
   depth: int
   pooling: str = "cls"
   dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_ids: jax.Array) -> jax.Array:
     """(B, L, D) states entering the last layer, (B, L) ids (-1 = padding) -> (B, D)."""
     attention_mask = (token_ids >= 0).astype(jnp.int32)
     mask = (attention_mask > 0)[:, None, None, :]
-    x = bert.BertLayer(self.config, dtype=self.dtype, name=f"layer_{self.depth - 1}")(
+    x = bert.BertLayer(self.config, dtype=self.dtype, attention_impl=self.attention_impl,
+                       name=f"layer_{self.depth - 1}")(
         tokens.astype(self.dtype), mask)
     return x[:, 0] if self.pooling == "cls" else bert.mean_pool(x, attention_mask)
 
@@ -74,13 +78,14 @@ class CLIPVisionLastBlock(nn.Module):
 
   config: clip.CLIPVisionConfig
   dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_ids: Optional[jax.Array] = None) -> jax.Array:
     del token_ids
     c = self.config
-    x = clip.encoder_layer(c, self.dtype, name=f"layers_{c.num_hidden_layers - 1}")(
-        tokens.astype(self.dtype))
+    x = clip.encoder_layer(c, self.dtype, self.attention_impl,
+                           name=f"layers_{c.num_hidden_layers - 1}")(tokens.astype(self.dtype))
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(
         x[:, 0])
 
@@ -90,13 +95,15 @@ class CLIPTextLastBlock(nn.Module):
 
   config: clip.CLIPTextConfig
   dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_ids: jax.Array) -> jax.Array:
     c = self.config
     mask = clip.key_padding_mask((token_ids >= 0).astype(jnp.int32))
-    x = clip.encoder_layer(c, self.dtype, name=f"layers_{c.num_hidden_layers - 1}")(
-        tokens.astype(self.dtype), mask, True)
+    x = clip.encoder_layer(c, self.dtype, self.attention_impl,
+                           name=f"layers_{c.num_hidden_layers - 1}")(
+                               tokens.astype(self.dtype), mask, True)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
     # Padding (-1) never wins the EOS search: the legacy rule takes the largest id, the other
     # the first position equal to the EOS id.
@@ -104,19 +111,21 @@ class CLIPTextLastBlock(nn.Module):
 
 
 def block_for(tower: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
-  """The trainable last block (+ pooling) of a frozen tower.
+  """The trainable last block (+ pooling) of a frozen tower, with the tower's attention
+  implementation ("cudnn" on NVIDIA GPUs where the tower uses it).
 
   Raises:
     ValueError: the tower has no transformer blocks (e.g. EfficientNet-Lite).
   """
+  impl = getattr(tower, "attention_impl", None)
   if isinstance(tower, vit.VisionTransformer):
-    return ViTLastBlock(tower.config, dtype)
+    return ViTLastBlock(tower.config, dtype, impl)
   if isinstance(tower, bert.BertEncoder):
-    return BertLastBlock(tower.config, tower.depth, tower.pooling, dtype)
+    return BertLastBlock(tower.config, tower.depth, tower.pooling, dtype, impl)
   if isinstance(tower, clip.CLIPVisionTower):
-    return CLIPVisionLastBlock(tower.config, dtype)
+    return CLIPVisionLastBlock(tower.config, dtype, impl)
   if isinstance(tower, clip.CLIPTextTower):
-    return CLIPTextLastBlock(tower.config, dtype)
+    return CLIPTextLastBlock(tower.config, dtype, impl)
   raise ValueError(f"the {type(tower).__name__} tower has no transformer blocks: the "
                    "last_block variant needs a transformer tower on that side")
 
