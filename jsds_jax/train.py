@@ -150,6 +150,16 @@ def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.nda
   return module, params
 
 
+def _check_last_block_setting(config: ml_collections.ConfigDict) -> bool:
+  """Whether the last_block variant is on; ValueError if it is on without its cache."""
+  if not last_block.sides(config.model.last_block):
+    return False
+  if not config.encode.last_block:
+    raise ValueError(f"model.last_block={config.model.last_block!r} trains on the token states "
+                     "entering the last block: set --config.encode.last_block=True too")
+  return True
+
+
 def load_blocks(config: ml_collections.ConfigDict,
                 cache_meta: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """`model.last_block`'s blocks from the frozen backbone ({} when the variant is off).
@@ -158,11 +168,8 @@ def load_blocks(config: ml_collections.ConfigDict,
     ValueError: the variant is on without encode.last_block, or the backbone is not the one
       the cache was encoded with.
   """
-  if not last_block.sides(config.model.last_block):
+  if not _check_last_block_setting(config):
     return {}
-  if not config.encode.last_block:
-    raise ValueError(f"model.last_block={config.model.last_block!r} trains on the token states "
-                     "entering the last block: set --config.encode.last_block=True too")
   backbone = backbones.load_backbone(config.backbone)
   feature_cache.check_matches(cache_meta, backbone=backbone.name,
                               weights_hash=backbone.weights_hash)
@@ -471,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       the last finite checkpoint).
   """
   tc = config.train
+  _check_last_block_setting(config)  # before any encoding
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   splits = ("train", tc.val_split)

@@ -128,7 +128,7 @@ def test_two_processes_stream_their_rows_and_match_one(tmp_path):
   flags = [f"--config.data.cache_dir={tmp_path / 'data'}",
            f"--config.encode.cache_root={tmp_path / 'features'}",
            "--config.encode.last_block=True", "--config.model.last_block=both",
-           "--config.train.num_epochs=2", "--config.train.features_layout=sharded",
+           "--config.train.num_epochs=1", "--config.train.features_layout=sharded",
            "--config.train.checkpoint_every=100"]
   cmd = lambda wd: [sys.executable, "-m", "jsds_jax.train", "--config",
                     str(testing_utils.REPO / "configs/tiny.py"), "--workdir", str(wd), *flags]
