@@ -54,11 +54,6 @@ from jsds_jax import sharding
 
 
 
-# (N_captions, L) int32 token ids of every caption, -1 at padding: the vocabulary entries a
-# caption's own words occupy (PEC masks a caption's sparse vector to them during training).
-TOKEN_IDS = "text_token_ids"
-
-
 @dataclasses.dataclass(frozen=True)
 class EncodeSettings:
   """What, besides the weights, decides the cached numbers (so it is part of the cache key)."""
@@ -266,7 +261,7 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   if kind == "text" and states:
     names.append("text_attention_mask")
   if kind == "text":
-    names.append(TOKEN_IDS)
+    names.append(feature_cache.TOKEN_IDS)
 
   # A chunk is done when every file it writes is there (a kill between two renames leaves it
   # to be redone; the image chunks' list of bad images is written last).
@@ -360,7 +355,7 @@ def _collect(pending, outs, names, kind) -> None:
   if kind == "text" and "text_attention_mask" in names:
     outs["text_attention_mask"].append(np.asarray(inputs[1][:count], np.int8))
   if kind == "text":
-    outs[TOKEN_IDS].append(token_ids(inputs[0][:count], inputs[1][:count]))
+    outs[feature_cache.TOKEN_IDS].append(token_ids(inputs[0][:count], inputs[1][:count]))
 
 
 def token_ids(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -377,7 +372,7 @@ def add_token_ids(out_dir: pathlib.Path, backbone: backbones.Backbone,
   cache as it was. Returns whether anything was added.
   """
   meta = feature_cache.load_split(out_dir)["meta"]
-  if TOKEN_IDS in meta["arrays"]:
+  if feature_cache.TOKEN_IDS in meta["arrays"]:
     return False
   if meta.get("max_text_len") not in (None, backbone.max_text_len):
     raise feature_cache.CacheError(
@@ -387,8 +382,8 @@ def add_token_ids(out_dir: pathlib.Path, backbone: backbones.Backbone,
   ids = [token_ids(*backbone.tokenize(captions[a:a + batch_size]))
          for a in range(0, len(captions), batch_size)]
   ids = np.concatenate(ids) if ids else np.zeros((0, backbone.max_text_len), np.int32)
-  feature_cache.atomic_save_npy(out_dir / f"{TOKEN_IDS}.npy", ids)
-  meta["arrays"][TOKEN_IDS] = {"shape": list(ids.shape), "dtype": str(ids.dtype)}
+  feature_cache.atomic_save_npy(out_dir / f"{feature_cache.TOKEN_IDS}.npy", ids)
+  meta["arrays"][feature_cache.TOKEN_IDS] = {"shape": list(ids.shape), "dtype": str(ids.dtype)}
   feature_cache.atomic_write_json(out_dir / feature_cache.META, meta)
   logging.info("added caption token ids to the finished cache %s", out_dir)
   return True
@@ -451,7 +446,7 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
   for name in ["image_pooled", "image_last_block_input"]:
     if feature_cache.part_path(out_dir, name, 0).exists():
       arrays[name] = feature_cache.concat_parts(out_dir, name, n_img_chunks)
-  for name in ["text_pooled", "text_last_block_input", "text_attention_mask", TOKEN_IDS]:
+  for name in ["text_pooled", "text_last_block_input", "text_attention_mask", feature_cache.TOKEN_IDS]:
     if feature_cache.part_path(out_dir, name, 0).exists():
       arrays[name] = feature_cache.concat_parts(out_dir, name, n_txt_chunks)
   cap_index = np.asarray(split.caption_image_index, np.int64)

@@ -143,12 +143,13 @@ def _checked_token_ids(text_token_ids: Any, num_captions: int) -> np.ndarray:
 
 def _split_token_ids(split: Mapping[str, Any], directory: Any) -> np.ndarray:
   """The cache's caption token ids, or an error that says how to add them."""
-  if "text_token_ids" not in split:
+  if feature_cache.TOKEN_IDS not in split:
     raise feature_cache.CacheError(
-        f"feature cache '{directory}' has no caption token ids (text_token_ids.npy), which "
-        "train.pec needs: it was written by an older encode. Run `jsds-encode` with the same "
-        "config; it adds them to the finished cache in seconds (only the tokenizer runs).")
-  return split["text_token_ids"]
+        f"feature cache '{directory}' has no caption token ids ({feature_cache.TOKEN_IDS}.npy), "
+        "which train.pec and a text last block need: it was written by an older encode. Run "
+        "`jsds-encode` with the same config; it adds them to the finished cache in seconds "
+        "(only the tokenizer runs).")
+  return split[feature_cache.TOKEN_IDS]
 
 
 def load_device_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,

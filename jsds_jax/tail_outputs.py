@@ -87,7 +87,7 @@ def split_inputs(module: jsds.JSDSTail, cache: Mapping[str, Any],
            if module.image_block is not None else cache["image_pooled"])
   if module.text_block is not None:
     text = (need("text_last_block_input", "the trained text last block"),
-            need("text_token_ids", "the trained text last block"))
+            need(feature_cache.TOKEN_IDS, "the trained text last block"))
   else:
     text = (cache["text_pooled"], None)
   return {"image": (image, None), "text": text}

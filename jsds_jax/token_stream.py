@@ -22,9 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jsds_jax import sharding
 from jsds_jax.data import feature_cache
-
-DATA_AXIS = "data"
 # Streamed name -> (cache array, which rows: "image" = the captions' images, "text" = captions).
 STREAMS = {"image": ("image_tokens", "image_last_block_input"),
            "text": ("text_tokens", "text_last_block_input")}
@@ -74,7 +73,7 @@ class TokenStream:
             "states; encode with --config.encode.last_block=True")
       self._sources[name] = (side, split[array])
     self._cap_img = np.asarray(split["caption_image_index"], np.int64)
-    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS))
     self.prefetch = max(1, int(prefetch))
     self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS,
                                                           thread_name_prefix="token_reader")

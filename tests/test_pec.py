@@ -206,7 +206,7 @@ def test_encode_keeps_token_ids_and_adds_them_to_an_older_cache(tmp_path, tiny):
   out = tmp_path / "cache"
   settings = encode.EncodeSettings(batch_size=8, chunk_size=16, num_workers=2)
   encode.encode_split(split, backbone, out, settings, progress=False)
-  ids = feature_cache.load_split(out, mmap=False)[encode.TOKEN_IDS]
+  ids = feature_cache.load_split(out, mmap=False)[feature_cache.TOKEN_IDS]
   want_ids, want_mask = backbone.tokenize(list(split.captions))
   np.testing.assert_array_equal(ids, np.where(want_mask > 0, want_ids, -1))
   assert ids.dtype == np.int32 and (ids == -1).any()
@@ -214,8 +214,9 @@ def test_encode_keeps_token_ids_and_adds_them_to_an_older_cache(tmp_path, tiny):
 
   # A cache from before token ids were stored: no array, no meta entry.
   meta = feature_cache.load_split(out)["meta"]
-  del meta["arrays"][encode.TOKEN_IDS]
+  del meta["arrays"][feature_cache.TOKEN_IDS]
   feature_cache.atomic_write_json(out / feature_cache.META, meta)
-  (out / f"{encode.TOKEN_IDS}.npy").unlink()
+  (out / f"{feature_cache.TOKEN_IDS}.npy").unlink()
   assert encode.add_token_ids(out, backbone)
-  np.testing.assert_array_equal(feature_cache.load_split(out, mmap=False)[encode.TOKEN_IDS], ids)
+  np.testing.assert_array_equal(
+      feature_cache.load_split(out, mmap=False)[feature_cache.TOKEN_IDS], ids)

@@ -39,6 +39,9 @@ import ml_dtypes
 import numpy as np
 
 META = "meta.json"
+# (N_captions, L) int32 token ids of every caption, -1 at padding: the vocabulary entries a
+# caption's own words occupy (PEC masks with them; a text last block attends with them).
+TOKEN_IDS = "text_token_ids"
 ITEMS = "items.json"
 TAIL_INIT = "tail_init.safetensors"
 _BF16 = "bfloat16"
