@@ -140,13 +140,6 @@ def _batches(n: int, batch_size: int, start: int, stop: int) -> Iterator[tuple[i
     yield s, min(s + batch_size, stop)
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  if x.shape[0] == rows:
-    return x
-  pad = np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)
-  return np.concatenate([x, pad])
-
-
 # ----------------------------------------------------------------------------------------------
 # Several processes.
 
@@ -200,7 +193,7 @@ def _gather_chunk(outs: dict[str, np.ndarray], bad: list[int],
     The chunk's rows by name, in row order, and its unreadable images in ascending order.
   """
   max_rows = max(rows)
-  padded = {nm: _pad_rows(x, max_rows) for nm, x in outs.items()}
+  padded = {nm: sharding.pad_rows(x, max_rows) for nm, x in outs.items()}
   bad_arr = np.full(max_rows, -1, np.int64)
   bad_arr[:len(bad)] = bad
   got = multihost_utils.process_allgather({"outs": padded, "bad": bad_arr})
@@ -295,10 +288,10 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
           pixels, bad_here = _load_image_batch(split, range(s, e), backbone, settings.skip_bad,
                                                pool)
           bad += bad_here
-          inputs = (_pad_rows(pixels, batch),)
+          inputs = (sharding.pad_rows(pixels, batch),)
         else:
           ids, mask = backbone.tokenize([split.captions[c] for c in range(s, e)])
-          inputs = (_pad_rows(ids, batch), _pad_rows(mask, batch))
+          inputs = (sharding.pad_rows(ids, batch), sharding.pad_rows(mask, batch))
         result = fn(*inputs)  # dispatched asynchronously; the next batch decodes meanwhile
         if pending is not None:
           _collect(pending, outs, names, kind)
@@ -338,9 +331,9 @@ def _blank_inputs(kind: str, backbone, batch: int) -> tuple[np.ndarray, ...]:
     blank = np.full((backbone.image_size, backbone.image_size, 3), 255, np.uint8)
     pixels = images_lib.preprocess([blank], backbone.image_size, backbone.image_mean,
                                    backbone.image_std, resize=backbone.image_resize)
-    return (_pad_rows(pixels, batch),)
+    return (sharding.pad_rows(pixels, batch),)
   ids, mask = backbone.tokenize([""])
-  return (_pad_rows(ids, batch), _pad_rows(mask, batch))
+  return (sharding.pad_rows(ids, batch), sharding.pad_rows(mask, batch))
 
 
 def _bad_images_path(out_dir: pathlib.Path, chunk: int) -> pathlib.Path:

@@ -16,6 +16,15 @@ import numpy as np
 DATA_AXIS = "data"
 
 
+def pad_rows(x: Any, rows: int, fill: Any = 0) -> np.ndarray:
+  """(rows, ...) `x` (N <= rows rows) with `fill` rows appended: a fixed batch shape, so one
+  compiled program serves the last, short batch too."""
+  x = np.asarray(x)
+  if x.shape[0] == rows:
+    return x
+  return np.concatenate([x, np.full((rows - x.shape[0],) + x.shape[1:], fill, x.dtype)])
+
+
 def local_data_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh with axis 'data' over this process's devices."""
   return jax.sharding.Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 from jsds_jax.models import jsds
 from jsds_jax.models import last_block
@@ -146,14 +147,12 @@ def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, ki
   batch_size = max(1, min(batch_size, n))
   es, zs = [], []
   for start in range(0, n, batch_size):
-    x = np.asarray(h[start:start + batch_size], np.float32)
-    ids = None if token_ids is None else np.asarray(token_ids[start:start + batch_size])
-    count = x.shape[0]
-    if count < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - count,) + x.shape[1:], x.dtype)])
-      if ids is not None:
-        ids = np.concatenate([ids, np.full((batch_size - count,) + ids.shape[1:], -1, ids.dtype)])
-    e, z = fn(params, jnp.asarray(x), None if ids is None else jnp.asarray(ids))
+    count = min(batch_size, n - start)
+    x = sharding.pad_rows(np.asarray(h[start:start + batch_size], np.float32), batch_size)
+    ids = None
+    if token_ids is not None:
+      ids = jnp.asarray(sharding.pad_rows(token_ids[start:start + batch_size], batch_size, -1))
+    e, z = fn(params, jnp.asarray(x), ids)
     es.append(np.asarray(e, np.float32)[:count])
     zs.append(_to_csr(np.asarray(z)[:count]))
   return np.concatenate(es), sp.vstack(zs, format="csr")

@@ -181,11 +181,6 @@ def load_blocks(config: ml_collections.ConfigDict,
 # Retrieval on a split's cache (validation here; the test table of the main job).
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  pad = rows - x.shape[0]
-  return x if pad == 0 else np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-
-
 class Evaluator:
   """Dense, sparse and integrated retrieval on one split, the tail run on the mesh.
 
@@ -249,13 +244,11 @@ class Evaluator:
     last block is padded with zero rows (and -1 token ids)."""
     for start in range(0, h.shape[0], self.block):
       chunk = np.asarray(h[start:start + self.block], np.float32)
-      x = jax.device_put(_pad_rows(chunk, self.block), self._rows)
+      x = jax.device_put(sharding.pad_rows(chunk, self.block), self._rows)
       ids = None
       if token_ids is not None:
-        ids = np.asarray(token_ids[start:start + self.block])
-        ids = np.concatenate([ids, np.full((self.block - len(ids),) + ids.shape[1:], -1,
-                                           ids.dtype)])
-        ids = jax.device_put(ids, self._rows)
+        ids = jax.device_put(sharding.pad_rows(token_ids[start:start + self.block], self.block,
+                                               fill=-1), self._rows)
       yield (chunk.shape[0], *self._encode[kind](params, x, ids, chunk.shape[0]))
 
   def __call__(self, params) -> dict[str, Any]:
