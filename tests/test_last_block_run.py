@@ -2,7 +2,6 @@
 blocks with the tail (states streamed from the host), validate, eval, search; and the stream."""
 
 import json
-import pathlib
 import subprocess
 import sys
 import types
@@ -137,23 +136,17 @@ def test_two_processes_stream_their_rows_and_match_one(tmp_path):
   runs = {"ref": [({}, 4)], "two": [(dict(JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                           JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(p)), 2)
                                     for p in range(2)]}
-  procs = []
+  procs, logs = [], []
   for name, members in runs.items():
     (tmp_path / name).mkdir()
     for i, (extra, devices) in enumerate(members):
-      log = open(tmp_path / name / f"log.{i}", "w")  # pylint: disable=consider-using-with
-      procs.append((subprocess.Popen(
-          cmd(tmp_path / name), env=testing_utils.jax_subprocess_env(devices, jax_cache, **extra),
-          stdout=log, stderr=subprocess.STDOUT, cwd=testing_utils.REPO), log))
-  try:
-    for p, log in procs:
-      p.wait(timeout=300)
-      assert p.returncode == 0, pathlib.Path(log.name).read_text()[-3000:]
-  finally:
-    for p, log in procs:
-      if p.poll() is None:
-        p.kill()
-      log.close()
+      logs.append(tmp_path / name / f"log.{i}")
+      with open(logs[-1], "w") as log:
+        procs.append(subprocess.Popen(
+            cmd(tmp_path / name),
+            env=testing_utils.jax_subprocess_env(devices, jax_cache, **extra),
+            stdout=log, stderr=subprocess.STDOUT, cwd=testing_utils.REPO))
+  testing_utils.wait_all(procs, logs, timeout=300)
   ref, _ = checkpoint.load_params(tmp_path / "ref" / "checkpoints")
   two, _ = checkpoint.load_params(tmp_path / "two" / "checkpoints")
   flat = dict(jax.tree_util.tree_leaves_with_path(ref))

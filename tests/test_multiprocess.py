@@ -224,23 +224,8 @@ def _launch(features, workdir, jax_cache) -> list[subprocess.Popen]:
   return procs
 
 
-def _log(path: pathlib.Path) -> str:
-  return f"{path}:\n{path.read_text()[-3000:] if path.exists() else '(none)'}"
-
-
-def _wait(procs, logs, timeout):
-  """Waits for every process; kills what is left at the deadline; asserts exit status 0."""
-  deadline = time.monotonic() + timeout
-  try:
-    for p in procs:
-      p.wait(timeout=max(1.0, deadline - time.monotonic()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, _log(log)
+_log = testing_utils.log_tail
+_wait = testing_utils.wait_all
 
 
 def _latest_checkpoint(workdir: pathlib.Path) -> int:

@@ -59,18 +59,7 @@ def _cache(root: pathlib.Path):
   return out, meta, tail.read_bytes(), leftovers
 
 
-def _wait(procs, logs, timeout) -> None:
-  deadline = time.monotonic() + timeout
-  try:
-    for p in procs:
-      p.wait(timeout=max(1.0, deadline - time.monotonic()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, f"{log}:\n{log.read_text()[-3000:]}"
+_wait = testing_utils.wait_all
 
 
 @pytest.fixture(scope="module")

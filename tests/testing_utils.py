@@ -4,6 +4,7 @@ import importlib.util
 import os
 import pathlib
 import socket
+import time
 
 import ml_collections
 
@@ -16,6 +17,27 @@ def load_config(name: str, arg=None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def log_tail(path: pathlib.Path) -> str:
+  """A subprocess log's last lines, for assertion messages."""
+  return f"{path}:\n{path.read_text()[-3000:] if path.exists() else '(none)'}"
+
+
+def wait_all(procs, logs, timeout: float) -> None:
+  """Waits for every process; kills what is left at the deadline; asserts exit status 0,
+  showing the failing process's log."""
+  deadline = time.monotonic() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log_tail(pathlib.Path(log))
 
 
 def free_port() -> int:
