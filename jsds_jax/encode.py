@@ -348,12 +348,7 @@ def _collect(pending, outs, names, kind) -> None:
   if kind == "text" and "text_attention_mask" in names:
     outs["text_attention_mask"].append(np.asarray(inputs[1][:count], np.int8))
   if kind == "text":
-    outs[feature_cache.TOKEN_IDS].append(token_ids(inputs[0][:count], inputs[1][:count]))
-
-
-def token_ids(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-  """(B, L) int32 the captions' token ids, -1 where the attention mask is 0 (padding)."""
-  return np.where(np.asarray(attention_mask) > 0, np.asarray(input_ids), -1).astype(np.int32)
+    outs[feature_cache.TOKEN_IDS].append(feature_cache.token_ids(inputs[0][:count], inputs[1][:count]))
 
 
 def add_token_ids(out_dir: pathlib.Path, backbone: backbones.Backbone,
@@ -372,7 +367,7 @@ def add_token_ids(out_dir: pathlib.Path, backbone: backbones.Backbone,
         f"cache '{out_dir}' was tokenized to {meta['max_text_len']} tokens, the backbone now "
         f"to {backbone.max_text_len}: re-encode it")
   captions = json.loads((out_dir / feature_cache.ITEMS).read_text())["captions"]
-  ids = [token_ids(*backbone.tokenize(captions[a:a + batch_size]))
+  ids = [feature_cache.token_ids(*backbone.tokenize(captions[a:a + batch_size]))
          for a in range(0, len(captions), batch_size)]
   ids = np.concatenate(ids) if ids else np.zeros((0, backbone.max_text_len), np.int32)
   feature_cache.atomic_save_npy(out_dir / f"{feature_cache.TOKEN_IDS}.npy", ids)

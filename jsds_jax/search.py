@@ -33,6 +33,7 @@ import numpy as np
 from jsds_jax import eval as eval_lib
 from jsds_jax import explain
 from jsds_jax import tail_outputs
+from jsds_jax.data import feature_cache
 from jsds_jax.models import jsds
 
 
@@ -120,15 +121,14 @@ class Searcher:
       tower = tower.clone(dtype=jnp.dtype(dtype))
     module = self.module
 
-    def encode(tv, p, ids, mask):
+    def encode(tv, p, ids, mask, cached_ids):
       out = tower.apply(tv, ids, mask)
       if module.text_block is None:
         return module.apply({"params": p}, out.pooled.astype(jnp.float32),
                             method=module.encode_text)
       # The trained last block reads the states entering it, as the cache stored them (bf16).
       states = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
-      return module.apply({"params": p}, states, jnp.where(mask > 0, ids, -1),
-                          method=module.encode_text)
+      return module.apply({"params": p}, states, cached_ids, method=module.encode_text)
 
     self._encode = jax.jit(encode)
 
@@ -149,7 +149,7 @@ class Searcher:
       raise ValueError("empty query: give some words to search for")
     ids, mask = self.backbone.tokenize([text])
     e, z = self._encode(self.backbone.text_variables, self.params, jnp.asarray(ids),
-                        jnp.asarray(mask))
+                        jnp.asarray(mask), jnp.asarray(feature_cache.token_ids(ids, mask)))
     return np.asarray(e, np.float32)[0], np.asarray(z, np.float32)[0]
 
   def search(self, text: str, k: int = 10, rerank: str | None = None, candidates: int = 100,

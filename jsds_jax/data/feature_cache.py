@@ -42,6 +42,12 @@ META = "meta.json"
 # (N_captions, L) int32 token ids of every caption, -1 at padding: the vocabulary entries a
 # caption's own words occupy (PEC masks with them; a text last block attends with them).
 TOKEN_IDS = "text_token_ids"
+
+
+def token_ids(input_ids: Any, attention_mask: Any) -> np.ndarray:
+  """(B, L) int32 the captions' token ids as the cache keeps them: -1 where the attention mask
+  is 0 (padding)."""
+  return np.where(np.asarray(attention_mask) > 0, np.asarray(input_ids), -1).astype(np.int32)
 ITEMS = "items.json"
 TAIL_INIT = "tail_init.safetensors"
 _BF16 = "bfloat16"
