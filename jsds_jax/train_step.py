@@ -160,7 +160,9 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
 
 
 def _mean_nnz(z: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
+  # Counted in float32 (exact below 2**24): an int32 count made XLA's CPU backend write the
+  # (B, V) mask out before reducing it, 4x slower.
+  return jnp.mean(jnp.sum(z > 0, axis=-1, dtype=jnp.float32))
 
 
 def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
@@ -202,6 +204,17 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
                      "not 'dense_only'")
   needs_ids = use_pec or module.text_block is not None
+  # On a one-device mesh every collective is an identity, yet XLA still runs each as a copy
+  # (on a 2-core CPU the two (B, V) all-gathers, their reduce-scatters and the gradient
+  # all-reduce took ~50 of ~650 ms per step): there the step calls none of them, and
+  # shard_map's replication check, which needs them to type the outputs, is off.
+  single_device = mesh.shape[AXIS] == 1
+  if single_device:
+    gather = to_varying = mean = lambda x: x
+  else:
+    gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
+    to_varying = lambda x: jax.lax.pcast(x, AXIS, to="varying")
+    mean = lambda x: jax.lax.pmean(x, AXIS)
 
   def per_device(state: TrainState, features: input_pipeline.DeviceFeatures,
                  order: jax.Array, step_in_epoch: jax.Array, streamed):
@@ -211,7 +224,6 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       h_img = streamed["image_tokens"]
     if module.text_block is not None:
       h_txt = streamed["text_tokens"]
-    gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
     image_idx = gather(image_idx)
     step_rng = jax.random.fold_in(state.rng, state.step)
     token_ids = None
@@ -237,10 +249,10 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       return loss, metrics
 
     # Per-device gradients of the global loss, then their mean (see the module docstring).
-    local_params = jax.lax.pcast(state.params, AXIS, to="varying")
+    local_params = to_varying(state.params)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
-    grads = jax.lax.pmean(grads, AXIS)
-    metrics = jax.lax.pmean(metrics, AXIS)  # identical on every device; makes them invariant
+    grads = mean(grads)
+    metrics = mean(metrics)  # identical on every device; makes them invariant
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
@@ -255,7 +267,8 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     if (module.image_block is not None or module.text_block is not None) and streamed is None:
       raise ValueError("the last_block variant needs this step's streamed token states")
     specs = (P(), input_pipeline.features_spec(features), P(None, AXIS), P(), P(AXIS))
-    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P()))(
+    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P()),
+                         check_vma=not single_device)(
         state, features, order, step_in_epoch, streamed)
 
   return jax.jit(sharded, donate_argnums=(0,), compiler_options=compiler_options)
