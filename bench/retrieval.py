@@ -8,6 +8,9 @@ and measures, one query at a time (the query arrives as the dense (V,) vector th
   exact    `ExactIndex` (uint8 per-term quantisation by default), exact top-k
   exact, query top-N terms   (--query-topk N) the same index, each query pruned to its N
            largest weights: approximate, recall@k against the unpruned search is reported
+  exact, N threads   (--threads N) the same index, each query's documents split into N ranges
+           searched in parallel threads (`search(..., threads=N)`): the one row that is not
+           single-threaded; its results are checked to be bitwise those of one thread
   exact, numpy bincount   the same index arrays scored with numpy only (no numba), to show
            what the compiled kernel buys
   seismic  `SeismicIndex` (approximate; recall@k against exact is reported)
@@ -91,6 +94,8 @@ def _parse(argv):
   p.add_argument("--query-topk", type=int, nargs="*", default=[],
                  help="also time the exact index with each query pruned to its largest N "
                  "weights (approximate; recall against the unpruned exact search)")
+  p.add_argument("--threads", type=int, nargs="*", default=[],
+                 help="also time the exact index with each query split over this many threads")
   p.add_argument("--dense-dim", type=int, default=256)
   p.add_argument("--seismic-n-postings", type=int, default=3500)
   p.add_argument("--seismic-centroid-fraction", type=float, default=0.1)
@@ -253,6 +258,14 @@ def bench_size(n: int, args, stats: dict, workdir: pathlib.Path) -> list[dict]:
     _, batch_s = _timed(lambda qt=qt: index.batch_search(queries, k, query_topk=qt))
     rows.append(_row(f"exact, query top-{qt} terms", n, times, batch_s, num_queries, build_s,
                      _dir_mb(path), recall))
+  for nt in args.threads:
+    times, results = _latencies(lambda q, nt=nt: index.search(q, k, threads=nt), dense_queries)
+    ids = np.stack([r.ids for r in results])
+    if not np.array_equal(ids, exact_ids):
+      raise AssertionError(f"{nt} threads returned other documents than one thread")
+    _, batch_s = _timed(lambda nt=nt: index.batch_search(queries, k, threads=nt))
+    rows.append(_row(f"exact, {nt} threads", n, times, batch_s, num_queries, build_s,
+                     _dir_mb(path)))
   if not args.no_numpy_taat:
     times, results = _latencies(_numpy_taat(index, k), dense_queries[:args.numpy_taat_queries])
     recall = _recall(np.stack(results), exact_ids[:args.numpy_taat_queries])

@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from jsds_jax import index as ji
+from jsds_jax.index import kernels
 from jsds_jax.index import synthetic
 
 VOCAB = 300
@@ -90,6 +91,12 @@ def test_exact_equals_brute_force(docs, queries, quantization, scale, dense, doc
       single = index.search(queries[q], k)
       np.testing.assert_array_equal(single.ids, batched.ids[q])
       np.testing.assert_array_equal(single.scores, batched.scores[q])
+    # So does splitting the documents over threads (here two ranges of whole 4096-doc chunks).
+    threaded = index.batch_search(queries, k, threads=3)
+    np.testing.assert_array_equal(threaded.ids, batched.ids)
+    np.testing.assert_array_equal(threaded.scores, batched.scores)
+    single = index.search(queries[5], k, threads=2)
+    np.testing.assert_array_equal(single.ids, batched.ids[5])
 
 
 def test_float32_index_equals_float_brute_force(docs, queries):
@@ -144,11 +151,31 @@ def test_ties_resolve_to_smaller_doc_id():
   docs[:, 2] = 1.0
   docs[[8500, 10, 4100], 2] = 2.0
   index = ji.build_index(docs, quantization="float32")
-  result = index.search(np.array([0, 0, 1, 0, 0], np.float32), 6)
-  np.testing.assert_array_equal(result.ids, [10, 4100, 8500, 0, 1, 2])
-  np.testing.assert_array_equal(result.scores, [2, 2, 2, 1, 1, 1])
+  for threads in (1, 3):  # With 3 threads, each tied document is in another range.
+    result = index.search(np.array([0, 0, 1, 0, 0], np.float32), 6, threads=threads)
+    np.testing.assert_array_equal(result.ids, [10, 4100, 8500, 0, 1, 2])
+    np.testing.assert_array_equal(result.scores, [2, 2, 2, 1, 1, 1])
   result = index.search(np.array([0, 1, 0, 0, 0], np.float32), 3)  # No document has term 1.
   np.testing.assert_array_equal(result.ids, [-1, -1, -1])
+
+
+@pytest.mark.parametrize("num_docs,parts", [(5000, 3), (9000, 3), (100, 4), (40_000, 4),
+                                             (8192, 2), (0, 2)])
+def test_doc_ranges_cover_the_collection_in_whole_chunks(num_docs, parts):
+  ranges = kernels.doc_ranges(num_docs, parts)
+  chunks = -(-num_docs // kernels.CHUNK)
+  assert len(ranges) == min(parts, chunks)
+  if ranges:  # Contiguous, from 0 to N.
+    assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]]
+    assert ranges[-1][1] == num_docs
+  assert all(lo % kernels.CHUNK == 0 and hi > lo for lo, hi in ranges)
+
+
+def test_threads_must_be_a_positive_integer(docs, queries):
+  index = ji.build_index(docs)
+  for bad in (0, -1, 1.5, None, True):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+      index.search(queries[0], 5, threads=bad)
 
 
 def test_save_load_round_trip_memory_mapped(tmp_path, docs, queries):

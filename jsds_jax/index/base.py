@@ -66,10 +66,14 @@ class SparseIndex(abc.ABC):
     """Top-k of each row of a (Q, V) dense array or sparse matrix. Returns (Q, k) arrays."""
 
 
+def check_positive_int(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
 def check_k(k) -> int:
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be a positive integer, got {k!r}")
-  return int(k)
+  return check_positive_int(k, "k")
 
 
 def check_topk_option(value, name: str) -> int | None:

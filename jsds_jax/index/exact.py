@@ -26,6 +26,7 @@ default is fixed at build time and saved; `search(..., query_topk=)` overrides i
 exact for the pruned, quantised vectors.
 """
 
+import concurrent.futures
 import os
 import pathlib
 from typing import Any
@@ -53,9 +54,11 @@ def _readonly_view(a: np.ndarray) -> np.ndarray:
 class ExactIndex(base.SparseIndex):
   """Exact top-k by dot product over quantised (or float32) sparse document vectors.
 
-  Search is single-threaded per call and releases the GIL, so callers may run several searches
-  in threads; `batch_search` scores its queries one after another with the same kernel as
-  `search`, so their results are bitwise equal.
+  Search releases the GIL, so callers may run several searches in threads; `batch_search`
+  scores its queries one after another with the same kernel as `search`, so their results are
+  bitwise equal. `threads=n` splits the documents into n contiguous ranges scored in parallel
+  (each range its own top-k, then merged): the results are bitwise those of one thread, since a
+  document's score does not depend on its range.
   """
   backend = "exact"
 
@@ -215,30 +218,42 @@ class ExactIndex(base.SparseIndex):
           f"{path} holds a {meta.get('backend')!r} index, not {cls.backend!r}")
     return cls(storage.load_arrays(pathlib.Path(path), _ARRAYS, mmap=mmap), meta)
 
-  def search(self, query, k: int, query_topk=_BUILD_DEFAULT) -> base.SearchResult:
+  def search(self, query, k: int, query_topk=_BUILD_DEFAULT, threads: int = 1
+             ) -> base.SearchResult:
     """Top-k of one query ((V,) vector or (1, V) row); see `SparseIndex.search`."""
     rows = inputs.query_rows(query, self.vocab_size, single=True)
-    ids, scores = self._search_rows(rows, k, query_topk)
+    ids, scores = self._search_rows(rows, k, query_topk, threads)
     return base.SearchResult(ids[0], scores[0])
 
-  def batch_search(self, queries, k: int, query_topk=_BUILD_DEFAULT) -> base.SearchResult:
+  def batch_search(self, queries, k: int, query_topk=_BUILD_DEFAULT, threads: int = 1
+                   ) -> base.SearchResult:
     """Top-k of each row of a (Q, V) batch; see `SparseIndex.batch_search`."""
     rows = inputs.query_rows(queries, self.vocab_size, single=False)
-    return base.SearchResult(*self._search_rows(rows, k, query_topk))
+    return base.SearchResult(*self._search_rows(rows, k, query_topk, threads))
 
-  def _search_rows(self, rows: inputs.CsrRows, k, query_topk):
+  def _search_rows(self, rows: inputs.CsrRows, k, query_topk, threads):
     k = base.check_k(k)
+    threads = base.check_positive_int(threads, "threads")
     if query_topk is _BUILD_DEFAULT:
       query_topk = self.query_topk
     rows = pruning.prune_rows(rows, base.check_topk_option(query_topk, "query_topk"))
     # Folding the term scale into the query weight leaves one multiply per posting.
     values = rows.data * self.scales[rows.indices]
-    out_ids = np.empty((rows.num_rows, k), np.int64)
-    out_scores = np.empty((rows.num_rows, k), np.float32)
     offsets, doc_ids, weights, dense_rows = self._kernel_arrays
-    kernels.search_rows(offsets, doc_ids, weights, dense_rows, self._dense_slot, self.num_docs,
-                        rows.indptr, rows.indices, values, out_ids, out_scores)
-    return out_ids, out_scores
+
+    def scan(doc_range):
+      out_ids = np.empty((rows.num_rows, k), np.int64)
+      out_scores = np.empty((rows.num_rows, k), np.float32)
+      kernels.search_rows(offsets, doc_ids, weights, dense_rows, self._dense_slot, *doc_range,
+                          rows.indptr, rows.indices, values, out_ids, out_scores)
+      return out_ids, out_scores
+
+    ranges = kernels.doc_ranges(self.num_docs, threads)
+    if len(ranges) <= 1:
+      return scan((0, self.num_docs))
+    with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
+      parts = list(pool.map(scan, ranges))
+    return kernels.merge_topk(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), k)
 
   def score_error_bound(self, query) -> np.ndarray:
     """Largest |exact float score - index score| of a (V,) or (Q, V) dense query; see

@@ -12,6 +12,9 @@ One query is scored a chunk of documents at a time, with a float32 accumulator o
      over the whole query;
   3. the chunk is scanned into a bounded min-heap (a vectorised count of the entries above the
      heap's worst lets most chunks skip the scan) and zeroed.
+The kernels score a range [doc_lo, doc_hi) of the documents, so that one query can be split over
+threads (each range its own top-k, merged by `merge_topk`); a document's score does not depend
+on the range it is scored in.
 A first version scattered postings into an N-sized accumulator and then streamed the dense rows
 over it: 4 MiB at N = 1M falls out of cache, and that cost about 5x more per query.
 
@@ -30,7 +33,7 @@ import numpy as np
 
 # Documents per chunk: 4096 float32 = 16 KiB of accumulator. Measured at N = 1M: 1024 and
 # 16384 were both about 1.5x slower (loop overheads vs. L1 misses).
-_CHUNK = 4096
+CHUNK = 4096
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -72,9 +75,10 @@ def _push(hs, hi, size, s, i):
 
 
 @numba.njit(nogil=True, cache=True)
-def _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, terms, values,
-                 acc, out_ids, out_scores):
-  """Scores one query and writes its top-k (k = len(out_ids)) into out_ids / out_scores.
+def _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, doc_lo, doc_hi, terms,
+                 values, acc, out_ids, out_scores):
+  """Scores one query over documents [doc_lo, doc_hi) and writes their top-k (k =
+  len(out_ids)) into out_ids / out_scores.
 
   Args:
     offsets: (V + 1,) int64 posting-list boundaries.
@@ -82,7 +86,7 @@ def _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, te
     weights: (P,) uint8 / uint16 / float32 quantised weight of each posting.
     dense_rows: (n_dense, N) same dtype: weights of the dense-row terms, 0 where absent.
     dense_slot: (V,) int32 row of each term in `dense_rows`, -1 for posting-list terms.
-    num_docs: N.
+    doc_lo, doc_hi: the range of documents to score, 0 <= doc_lo <= doc_hi <= N.
     terms: (nq,) int32 query terms, distinct.
     values: (nq,) float32 query weights times the terms' scales.
     acc: (CHUNK,) float32 scratch, all zeros; left all zeros on return.
@@ -107,15 +111,18 @@ def _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, te
       rows[nd], row_values[nd] = dense_slot[t], values[j]
       nd += 1
     else:
-      cursor[ns], ends[ns], list_values[ns] = offsets[t], offsets[t + 1], values[j]
+      a, b = offsets[t], offsets[t + 1]
+      if doc_lo > 0:  # The list's first posting inside the range.
+        a += np.searchsorted(doc_ids[a:b], doc_lo)
+      cursor[ns], ends[ns], list_values[ns] = a, b, values[j]
       ns += 1
 
   hs = np.empty(k, np.float32)
   hi = np.empty(k, np.int64)
   size = 0
   floor = np.float32(0)  # Scores must beat this to enter: 0, then the heap's worst once full.
-  for c0 in range(0, num_docs, _CHUNK):
-    c1 = min(num_docs, c0 + _CHUNK)
+  for c0 in range(doc_lo, doc_hi, CHUNK):
+    c1 = min(doc_hi, c0 + CHUNK)
     m = c1 - c0
     a = acc[:m]
     j = 0
@@ -167,23 +174,49 @@ def _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, te
 
 
 @numba.njit(nogil=True, cache=True)
-def search_rows(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, q_indptr, q_terms,
-                q_values, out_ids, out_scores):
-  """Scores each query row of a CSR batch; row r's top-k goes to out_ids[r], out_scores[r].
+def search_rows(offsets, doc_ids, weights, dense_rows, dense_slot, doc_lo, doc_hi, q_indptr,
+                q_terms, q_values, out_ids, out_scores):
+  """Scores each query row of a CSR batch over documents [doc_lo, doc_hi); row r's top-k goes
+  to out_ids[r], out_scores[r].
 
   Args:
-    offsets, doc_ids, weights, dense_rows, dense_slot, num_docs: as in `_score_query`.
+    offsets, doc_ids, weights, dense_rows, dense_slot, doc_lo, doc_hi: as in `_score_query`.
     q_indptr: (Q + 1,) int64 query row boundaries.
     q_terms: (nnz,) int32 / int64 query terms.
     q_values: (nnz,) float32 query weights times the terms' scales.
     out_ids: (Q, k) int64 output.
     out_scores: (Q, k) float32 output.
   """
-  acc = np.zeros(_CHUNK, np.float32)
+  acc = np.zeros(CHUNK, np.float32)
   for r in range(q_indptr.shape[0] - 1):
     a, b = q_indptr[r], q_indptr[r + 1]
-    _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, num_docs, q_terms[a:b],
-                 q_values[a:b], acc, out_ids[r], out_scores[r])
+    _score_query(offsets, doc_ids, weights, dense_rows, dense_slot, doc_lo, doc_hi,
+                 q_terms[a:b], q_values[a:b], acc, out_ids[r], out_scores[r])
+
+
+def doc_ranges(num_docs: int, parts: int) -> list[tuple[int, int]]:
+  """Splits [0, num_docs) into at most `parts` contiguous ranges of whole chunks."""
+  chunks = -(-num_docs // CHUNK)
+  bounds = np.linspace(0, chunks, min(parts, max(chunks, 1)) + 1).round().astype(int) * CHUNK
+  bounds = np.minimum(bounds, num_docs)
+  return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def merge_topk(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The top-k of several ranges' top-k lists, in the kernels' order.
+
+  Args:
+    ids: (R, Q, k) int64 per range, -1 padded; scores: (R, Q, k) float32, -inf padded.
+    k: results per query.
+
+  Returns:
+    (Q, k) ids and scores ordered by score descending, then id ascending, as one range over
+    all documents gives (padding last).
+  """
+  ids = np.concatenate(list(ids), axis=-1)
+  scores = np.concatenate(list(scores), axis=-1)
+  order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+  return np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
 
 
 @numba.njit(nogil=True, cache=True)
