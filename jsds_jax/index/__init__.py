@@ -5,6 +5,7 @@
   index = load_index("runs/demo/index-captions", expected_model={"backbone": "lit"})
   ids, scores = index.search(image_vector, k=10)          # (10,) int64, (10,) float32
   ids, scores = index.batch_search(image_vectors, k=10)   # (Q, 10) each
+  ids, scores = index.search(image_vector, k=10, threads=4)  # exact: one query on 4 cores
 """
 
 from jsds_jax.index.base import SearchResult
