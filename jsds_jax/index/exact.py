@@ -27,6 +27,7 @@ exact for the pruned, quantised vectors.
 """
 
 import concurrent.futures
+import functools
 import os
 import pathlib
 from typing import Any
@@ -45,6 +46,12 @@ _ARRAYS = ("offsets", "doc_ids", "weights", "scales", "dense_terms", "dense_rows
 _BUILD_DEFAULT = object()  # Marks "use the query_topk fixed at build time".
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """One pool per thread count, kept for the process: starting threads per query costs ~0.3 ms."""
+  return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="exact-index")
+
+
 def _readonly_view(a: np.ndarray) -> np.ndarray:
   view = np.asarray(a).view()
   view.flags.writeable = False
@@ -58,7 +65,9 @@ class ExactIndex(base.SparseIndex):
   scores its queries one after another with the same kernel as `search`, so their results are
   bitwise equal. `threads=n` splits the documents into n contiguous ranges scored in parallel
   (each range its own top-k, then merged): the results are bitwise those of one thread, since a
-  document's score does not depend on its range.
+  document's score does not depend on its range. Handing work to the threads costs ~0.2 ms per
+  call, so it pays off on large collections (1M documents: 38 -> 26 ms with two), not on small
+  ones (10k: 0.13 -> 0.38 ms).
   """
   backend = "exact"
 
@@ -251,8 +260,7 @@ class ExactIndex(base.SparseIndex):
     ranges = kernels.doc_ranges(self.num_docs, threads)
     if len(ranges) <= 1:
       return scan((0, self.num_docs))
-    with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
-      parts = list(pool.map(scan, ranges))
+    parts = list(_worker_pool(len(ranges)).map(scan, ranges))
     return kernels.merge_topk(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), k)
 
   def score_error_bound(self, query) -> np.ndarray:
