@@ -261,7 +261,7 @@ class ExactIndex(base.SparseIndex):
     if len(ranges) <= 1:
       return scan((0, self.num_docs))
     parts = list(_worker_pool(len(ranges)).map(scan, ranges))
-    return kernels.merge_topk(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), k)
+    return kernels.merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 
   def score_error_bound(self, query) -> np.ndarray:
     """Largest |exact float score - index score| of a (V,) or (Q, V) dense query; see

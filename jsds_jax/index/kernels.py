@@ -28,6 +28,8 @@ Pure numpy has no fast scatter-add for step 2 (np.add.at is slow; np.bincount al
 N-sized result per term), which is why these loops are compiled.
 """
 
+from typing import Sequence
+
 import numba
 import numpy as np
 
@@ -202,19 +204,20 @@ def doc_ranges(num_docs: int, parts: int) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
-def merge_topk(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
   """The top-k of several ranges' top-k lists, in the kernels' order.
 
   Args:
-    ids: (R, Q, k) int64 per range, -1 padded; scores: (R, Q, k) float32, -inf padded.
+    ids: per range, (Q, k) int64, -1 padded; scores: per range, (Q, k) float32, -inf padded.
     k: results per query.
 
   Returns:
     (Q, k) ids and scores ordered by score descending, then id ascending, as one range over
     all documents gives (padding last).
   """
-  ids = np.concatenate(list(ids), axis=-1)
-  scores = np.concatenate(list(scores), axis=-1)
+  ids = np.concatenate(ids, axis=-1)
+  scores = np.concatenate(scores, axis=-1)
   order = np.lexsort((ids, -scores), axis=-1)[:, :k]
   return np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
 
