@@ -63,7 +63,7 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  from jsds_jax.models import blip  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import blip  # pylint: disable=g-import-not-at-top
 
   on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
   batch = args.batch or (256 if on_gpu else 4)

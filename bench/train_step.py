@@ -200,7 +200,7 @@ def _ours(args, total_steps: int, features_np, mesh):
   from jsds_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from jsds_jax import optim  # pylint: disable=g-import-not-at-top
   from jsds_jax import train_step  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models import jsds  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.tail import jsds  # pylint: disable=g-import-not-at-top
 
   train = _train_config()
   train.batch_size = args.batch

@@ -5,7 +5,7 @@
       --config.data.json=/data/coco/dataset_coco.json --config.data.image_root=/data/coco
   python -m jsds_jax.main --config configs/albef_coco.py:runlocal ...   # a smoke test
 
-The ALBEF checkpoint is a local folder (jsds_jax/models/albef.py): LAVIS's `albef_retrieval`
+The ALBEF checkpoint is a local folder (jsds_jax/models/trunk/albef.py): LAVIS's `albef_retrieval`
 weights for model_type "coco" (the `.pth` LAVIS downloads for it), with ALBEF's
 `config_bert.json` and the bert-base-uncased tokenizer files beside it; pass its path.
 

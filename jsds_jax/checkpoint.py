@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import jsds_jax
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"

@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The frozen dual encoder (jsds_jax/models/backbones.py lists the names).
+  # The frozen dual encoder (jsds_jax/models/trunk/backbones.py lists the names).
   c.backbone = ml_collections.ConfigDict()
   c.backbone.name = "lit"
   c.backbone.checkpoint = ""      # local directory or Hugging Face id, for blip / clip / albef
@@ -109,12 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3    # regular checkpoints kept; the best one is kept apart
   c.train.progress = True         # tqdm progress bar
 
-  # The trained tail's shape (jsds_jax/models/jsds.py); the rest comes from the feature cache.
+  # The trained tail's shape (jsds_jax/models/tail/jsds.py); the rest comes from the feature cache.
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 0           # P; 0 = the backbone projection's width, 256 without one
   c.model.use_vocab_bias = True   # the sparse head's (V,) bias c
   c.model.dtype = "float32"       # computation dtype ("bfloat16" on accelerators)
-  # The "last_block" variant (jsds_jax/models/last_block.py): "" off, or "image", "text",
+  # The "last_block" variant (jsds_jax/models/tail/last_block.py): "" off, or "image", "text",
   # "both": that side trains a copy of its tower's last transformer block on cached token
   # states (needs encode.last_block=True; the states stream from the host each step).
   c.model.last_block = ""

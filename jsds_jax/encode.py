@@ -47,8 +47,8 @@ from jsds_jax.data import images as images_lib
 from jsds_jax.data import registry
 from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
-from jsds_jax.models import backbones
-from jsds_jax.models import last_block
+from jsds_jax.models.trunk import backbones
+from jsds_jax.models.tail import last_block
 from jsds_jax import distributed
 from jsds_jax import sharding
 

@@ -22,7 +22,6 @@ OUTDIR receives (each file written to a temporary name, then renamed):
 """
 
 from collections.abc import Mapping, Sequence
-import json
 import os
 import pathlib
 import sys
@@ -31,7 +30,6 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -42,17 +40,14 @@ from jsds_jax import explain
 from jsds_jax import metrics
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
+from jsds_jax.index import bundle
 from jsds_jax.index import inputs as index_inputs
 from jsds_jax.index import pruning
-from jsds_jax.models import dense_tail
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import dense_tail
+from jsds_jax.models.tail import jsds
 
 KINDS = ("dense", "sparse", "integrated")
 PRUNE_KS = (4, 8, 16, 32, 64, 128, None)  # None: every term kept
-INDEX_DIR = "index"
-SEARCH_META = "search.json"
-IMAGE_DENSE = "image_dense.npy"
-TAIL_PARAMS = "tail.safetensors"
 _FLOPS_BLOCK = 4096
 
 
@@ -333,54 +328,6 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   os.replace(tmp, path)
 
 
-def save_tail_params(path: pathlib.Path, params: Mapping[str, Any]) -> None:
-  """The tail's params as one safetensors file ("a/b/c" names), written atomically."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  flat = flax.traverse_util.flatten_dict(jax.device_get(dict(params)), sep="/")
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  # np.array, not np.ascontiguousarray: the latter turns the 0-d τ into shape (1,).
-  safetensors.numpy.save_file({k: np.array(v, np.float32, order="C") for k, v in flat.items()},
-                              str(tmp))
-  os.replace(tmp, path)
-
-
-def load_tail_params(path: str | os.PathLike) -> dict:
-  """Reads `save_tail_params`' file back into the nested params dict."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  flat = safetensors.numpy.load_file(str(path))
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-def model_metadata(backbone_name: str, weights_hash: str, vocab_size: int,
-                   checkpoint: str) -> dict[str, Any]:
-  """What an index of this model's vectors records, and what `search` checks it against."""
-  return {"backbone": backbone_name, "weights_hash": weights_hash, "vocab_size": int(vocab_size),
-          "checkpoint": str(checkpoint)}
-
-
-def write_search_files(out_dir: pathlib.Path, out: tail_outputs.TailOutputs,
-                       params: Mapping[str, Any], cache: Mapping[str, Any],
-                       config: ml_collections.ConfigDict, model: dict[str, Any],
-                       w1: float, w2: float) -> pathlib.Path:
-  """The exact index of the image sparse vectors and what `search` needs beside it."""
-  from jsds_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-  # float32 postings: the index's scores are the same dot products eval reports.
-  index = index_lib.build_index(out.z_i, "exact", quantization="float32", model=model)
-  path = index.save(out_dir / INDEX_DIR, overwrite=True)
-  feature_cache.atomic_save_npy(out_dir / IMAGE_DENSE, out.e_i.astype(np.float32))
-  save_tail_params(out_dir / TAIL_PARAMS, params)
-  items = cache["items"]
-  feature_cache.atomic_write_json(out_dir / SEARCH_META, {
-      "model": model, "config": json.loads(config.to_json_best_effort()),
-      "w1": w1, "w2": w2, "tau": out.tau,
-      "dataset": cache["meta"].get("dataset"), "split": cache["meta"].get("split"),
-      "image_ids": [str(x) for x in items["image_ids"]],
-      "image_sources": [str(x) for x in items["image_sources"]],
-      "captions": list(items["captions"]),
-      "caption_image_index": np.asarray(cache["caption_image_index"]).tolist()})
-  return path
-
-
 def html_examples(out: tail_outputs.TailOutputs, scores: Mapping[str, np.ndarray],
                   cache: Mapping[str, Any], vocab: Sequence[str], num_queries: int = 8,
                   k: int = 5, terms: int = 6) -> list[explain.Example]:
@@ -456,7 +403,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   check_compatible(params, cache["meta"], meta,
                    vocab_size=backbone.vocab_size if backbone is not None else None)
   if (html_report or write_index) and backbone is None:
-    from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
   if backbone is not None:
     feature_cache.check_matches(cache["meta"], backbone=backbone.name,
@@ -465,7 +412,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   cap_index = np.asarray(cache["caption_image_index"])
 
   if backbone is None and any(k.endswith("_block") for k in params):
-    from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
   scores = score_matrices(out, w1, w2)
@@ -502,8 +449,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
 
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
-    model = model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size, checkpoint)
-    write_search_files(out_dir, out, params, cache, config, model, w1, w2)
+    model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size, checkpoint)
+    bundle.write(out_dir, out, params, cache, config, model, w1, w2)
   if html_report:
     examples = html_examples(out, scores, cache, explain.vocabulary(backbone))
     title = f"JSDS retrieval: {report['split']['dataset']}/{report['split']['name']}"
@@ -559,7 +506,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     CheckpointError: nothing readable at `checkpoint`.
   """
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
   params, meta = checkpoint_lib.load_params(checkpoint)
   backbone = backbones.load_backbone(config.backbone)
   # Before any encoding: a checkpoint of another backbone would waste the whole encode.

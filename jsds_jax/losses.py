@@ -1,7 +1,7 @@
 """Training losses: InfoNCE, self-KD, sparsity regularisers; pure functions of score matrices.
 
 Notation follows DESIGN.md §3. Score matrices are (B_i, B_t) with rows = images and columns =
-captions; they come from `jsds_jax.models.jsds.{dense,sparse,integrated}_scores`. Every
+captions; they come from `jsds_jax.models.tail.jsds.{dense,sparse,integrated}_scores`. Every
 function here is jit-able (no Python control flow on traced values; the only branches are on
 static arguments such as `regularizer` or `reference_quirks`) and computes in at least float32,
 so bf16 scores are safe and float64 inputs stay float64 (the tests compare in float64).
@@ -34,7 +34,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 _REGULARIZERS = ("l1", "flops")
 _MULTI_POSITIVE = ("uniform", "lse")

@@ -17,7 +17,6 @@ from the same backbone weights and vocabulary as the tail that encodes the query
 
 from collections.abc import Sequence
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -30,11 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jsds_jax import eval as eval_lib
 from jsds_jax import explain
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
-from jsds_jax.models import jsds
+from jsds_jax.index import bundle
+from jsds_jax.models.tail import jsds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +59,7 @@ class Hit:
   terms: list[tuple[str, float]]
 
 
-def resolve_dir(path: str | os.PathLike) -> pathlib.Path:
-  """The eval output folder holding the search files, given it or its index/ subfolder."""
-  path = pathlib.Path(path).expanduser()
-  for root in (path, path.parent):
-    if (root / eval_lib.SEARCH_META).is_file() and (root / eval_lib.INDEX_DIR).is_dir():
-      return root
-  raise FileNotFoundError(f"{path} holds no search index: run `jsds-eval ... --out DIR` and "
-                          f"pass DIR (it writes {eval_lib.INDEX_DIR}/ and "
-                          f"{eval_lib.SEARCH_META} there)")
+resolve_dir = bundle.resolve_dir
 
 
 class Searcher:
@@ -87,10 +78,10 @@ class Searcher:
                checkpoint: str | None = None):
     from jsds_jax import index as index_lib  # pylint: disable=g-import-not-at-top
     self.root = resolve_dir(path)
-    self.meta = json.loads((self.root / eval_lib.SEARCH_META).read_text())
+    self.meta = bundle.read_meta(self.root)
     self.config = ml_collections.ConfigDict(self.meta["config"])
     if backbone is None:
-      from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+      from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
       backbone = backbones.load_backbone(self.config.backbone)
     self.backbone = backbone
     expected = {}
@@ -99,7 +90,7 @@ class Searcher:
       params, _ = checkpoint_lib.load_params(checkpoint)
       expected["checkpoint"] = str(pathlib.Path(checkpoint).expanduser().resolve())
     if params is None:
-      params = eval_lib.load_tail_params(self.root / eval_lib.TAIL_PARAMS)
+      params = bundle.load_tail_params(self.root / bundle.TAIL_PARAMS)
     self.params = params
     self.module = tail_outputs.tail_module_for(params, backbone)
     vocab_size = tail_outputs.feature_dims(params)["vocab_size"]
@@ -108,8 +99,8 @@ class Searcher:
                        f"backbone {backbone.name!r} {backbone.vocab_size}")
     expected.update(backbone=backbone.name, weights_hash=backbone.weights_hash,
                     vocab_size=vocab_size)
-    self.index = index_lib.load_index(self.root / eval_lib.INDEX_DIR, expected_model=expected)
-    self.image_dense = np.load(self.root / eval_lib.IMAGE_DENSE, mmap_mode="r")
+    self.index = index_lib.load_index(self.root / bundle.INDEX_DIR, expected_model=expected)
+    self.image_dense = bundle.load_image_dense(self.root)
     self.vocab = explain.vocabulary(backbone)
     self._image_sparse = None
     self._first_caption: dict[int, str] = {}

@@ -18,8 +18,8 @@ import scipy.sparse as sp
 
 from jsds_jax import sharding
 from jsds_jax.data import feature_cache
-from jsds_jax.models import jsds
-from jsds_jax.models import last_block
+from jsds_jax.models.tail import jsds
+from jsds_jax.models.tail import last_block
 
 
 @dataclasses.dataclass(frozen=True)

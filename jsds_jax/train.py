@@ -56,9 +56,9 @@ from jsds_jax import tail_outputs
 from jsds_jax import token_stream
 from jsds_jax import train_step
 from jsds_jax.data import feature_cache
-from jsds_jax.models import backbones
-from jsds_jax.models import jsds
-from jsds_jax.models import last_block
+from jsds_jax.models.trunk import backbones
+from jsds_jax.models.tail import jsds
+from jsds_jax.models.tail import last_block
 
 P = jax.sharding.PartitionSpec
 METRICS_FILE = "metrics.jsonl"

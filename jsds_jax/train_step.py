@@ -32,7 +32,7 @@ from jsds_jax import losses
 from jsds_jax import optim
 from jsds_jax import pec
 from jsds_jax import sharding
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 P = jax.sharding.PartitionSpec
 AXIS = input_pipeline.DATA_AXIS

@@ -18,8 +18,8 @@ import pytest
 import torch
 import transformers
 
-from jsds_jax.models import albef
-from jsds_jax.models import convert
+from jsds_jax.models.trunk import albef
+from jsds_jax.models.trunk import convert
 
 TOL = 1e-4
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from jsds_jax.models import bert
-from jsds_jax.models import convert
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import weights
 
 TOL = 1e-4
 

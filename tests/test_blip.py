@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from jsds_jax.models import blip
-from jsds_jax.models import convert
-from jsds_jax.models import vit
+from jsds_jax.models.trunk import blip
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import vit
 
 TOL = 1e-4
 

@@ -14,7 +14,7 @@ from jsds_jax import config_base
 from jsds_jax import optim
 from jsds_jax import sharding
 from jsds_jax import train_step
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 D_IMG, D_TXT, P, V, DW = 12, 10, 8, 50, 6
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsds_jax.models import clip
-from jsds_jax.models import convert
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import clip
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

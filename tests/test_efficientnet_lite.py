@@ -17,9 +17,9 @@ import pytest
 import skimage.data
 import skimage.transform
 
-from jsds_jax.models import efficientnet_lite
-from jsds_jax.models import torch_pickle
-from jsds_jax.models.convert import ConversionError
+from jsds_jax.models.trunk import efficientnet_lite
+from jsds_jax.models.trunk import torch_pickle
+from jsds_jax.models.trunk.convert import ConversionError
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

@@ -13,7 +13,7 @@ from jsds_jax import encode
 from jsds_jax import sharding
 from jsds_jax.data import feature_cache
 from jsds_jax.data import registry
-from jsds_jax.models import backbones
+from jsds_jax.models.trunk import backbones
 import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]

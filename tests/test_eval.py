@@ -11,11 +11,12 @@ import pytest
 from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import index as index_lib
+from jsds_jax.index import bundle
 from jsds_jax import metrics
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
-from jsds_jax.models import backbones
-from jsds_jax.models import jsds
+from jsds_jax.models.trunk import backbones
+from jsds_jax.models.tail import jsds
 import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_files_are_written_whole(setup):
   assert "| integrated |" in md and "| all |" in md
   assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
   # The stored tail is the evaluated one.
-  back = eval_lib.load_tail_params(out / "tail.safetensors")
+  back = bundle.load_tail_params(out / "tail.safetensors")
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(setup["params"])):
     assert np.shape(a) == np.shape(b)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))

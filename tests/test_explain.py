@@ -12,7 +12,7 @@ from jsds_jax import eval as eval_lib
 from jsds_jax import explain
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
-from jsds_jax.models import backbones
+from jsds_jax.models.trunk import backbones
 from test_eval import tiny_config  # pylint: disable=g-bad-import-order
 from test_eval import tiny_params  # pylint: disable=g-bad-import-order
 

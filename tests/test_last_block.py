@@ -10,12 +10,12 @@ from jsds_jax import config_base
 from jsds_jax import input_pipeline
 from jsds_jax import optim
 from jsds_jax import train_step
-from jsds_jax.models import bert
-from jsds_jax.models import clip
-from jsds_jax.models import efficientnet_lite
-from jsds_jax.models import jsds
-from jsds_jax.models import last_block
-from jsds_jax.models import vit
+from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import clip
+from jsds_jax.models.trunk import efficientnet_lite
+from jsds_jax.models.tail import jsds
+from jsds_jax.models.tail import last_block
+from jsds_jax.models.trunk import vit
 
 B, L = 3, 7
 

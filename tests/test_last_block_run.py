@@ -19,9 +19,9 @@ from jsds_jax import tail_outputs
 from jsds_jax import token_stream
 from jsds_jax import train
 from jsds_jax.data import feature_cache
-from jsds_jax.models import backbones
-from jsds_jax.models import efficientnet_lite
-from jsds_jax.models import last_block
+from jsds_jax.models.trunk import backbones
+from jsds_jax.models.trunk import efficientnet_lite
+from jsds_jax.models.tail import last_block
 import testing_utils  # tests/testing_utils.py
 
 

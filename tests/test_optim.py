@@ -8,7 +8,7 @@ import pytest
 
 from jsds_jax import config_base
 from jsds_jax import optim
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 D_IMG, D_TXT, P, V, DW = 6, 5, 4, 16, 3
 # Tiny graphs: compile them once with XLA's slow CPU passes off instead of op by op.

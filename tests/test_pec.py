@@ -16,8 +16,8 @@ from jsds_jax import train
 from jsds_jax import train_step
 from jsds_jax.data import feature_cache
 from jsds_jax.data import registry
-from jsds_jax.models import backbones
-from jsds_jax.models import jsds
+from jsds_jax.models.trunk import backbones
+from jsds_jax.models.tail import jsds
 import testing_utils  # tests/testing_utils.py
 
 N_IMG, CAPS, D_IMG, D_TXT, P, V, DW, B, L = 24, 2, 32, 32, 16, 200, 24, 8, 6

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsds_jax.models import convert
-from jsds_jax.models import dense_tail
-from jsds_jax.models import jsds
-from jsds_jax.models import sparse_head
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.tail import dense_tail
+from jsds_jax.models.tail import jsds
+from jsds_jax.models.tail import sparse_head
 
 B, D_IMG, D_TXT, P, V, DW = 4, 12, 10, 8, 64, 6
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from jsds_jax.models import torch_pickle
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import torch_pickle
+from jsds_jax.models.trunk import weights
 
 FORMATS = {"zip": True, "legacy": False}
 
@@ -217,7 +217,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_does_not_import_torch(tmp_path):
   torch.save({"w": torch.ones(3)}, tmp_path / "m.pth")
-  code = ("import sys; from jsds_jax.models import torch_pickle; "
+  code = ("import sys; from jsds_jax.models.trunk import torch_pickle; "
           f"sd = torch_pickle.load({str(tmp_path / 'm.pth')!r}); "
           "assert sd['w'].tolist() == [1.0, 1.0, 1.0]; "
           "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'")

@@ -9,7 +9,7 @@ from jsds_jax import config_base
 from jsds_jax import input_pipeline
 from jsds_jax import optim
 from jsds_jax import train_step
-from jsds_jax.models import jsds
+from jsds_jax.models.tail import jsds
 
 N_IMG, CAPS, D_IMG, D_TXT, P, V, DW, B = 24, 2, 32, 32, 16, 200, 24, 8
 STEPS = 3

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import convert
-from jsds_jax.models import tower_output
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import tower_output
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # Exact erf GELU, as torch's nn.GELU().

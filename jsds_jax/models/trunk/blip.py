@@ -21,10 +21,10 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import bert
-from jsds_jax.models import convert
-from jsds_jax.models import vit
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import vit
+from jsds_jax.models.trunk import weights
 
 # OpenAI CLIP's statistics, which BLIP's image processor uses.
 BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -129,8 +129,8 @@ def load_backbone(config: ml_collections.ConfigDict) -> Backbone:
 
 def _load_lit(config) -> Backbone:
   """MiniLM (mean-pooled, 384-d) + EfficientNet-Lite0 (1280-d), no projections."""
-  from jsds_jax.models import bert  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import bert  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import efficientnet_lite  # pylint: disable=g-import-not-at-top
   text_dir = bert.minilm_dir()
   text_module, text_params, tokenizer, word_embeddings = bert.load_minilm(text_dir)
   image = efficientnet_lite.load_efficientnet_lite0()
@@ -173,8 +173,8 @@ def _from_vit_bert(name: str, m, weight_file, config) -> Backbone:
 
 def _load_blip(config) -> Backbone:
   """BLIP retrieval checkpoint: ViT + BERT (unimodal), 256-d projections."""
-  from jsds_jax.models import blip  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models import weights  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import blip  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import weights  # pylint: disable=g-import-not-at-top
   checkpoint = _require_checkpoint(config)
   weight_file = weights.find_weight_file(weights.resolve_checkpoint(checkpoint))
   return _from_vit_bert("blip", blip.load_blip(checkpoint), weight_file, config)
@@ -182,7 +182,7 @@ def _load_blip(config) -> Backbone:
 
 def _load_albef(config) -> Backbone:
   """LAVIS ALBEF retrieval checkpoint (`.pth` or its folder): ViT + BERT's first 6 layers."""
-  from jsds_jax.models import albef  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import albef  # pylint: disable=g-import-not-at-top
   checkpoint = _require_checkpoint(config)
   m = albef.load_albef(checkpoint)
   return _from_vit_bert("albef", m, albef.weight_file(checkpoint), config)
@@ -190,7 +190,7 @@ def _load_albef(config) -> Backbone:
 
 def _load_clip(config) -> Backbone:
   """CLIP checkpoint: ViT + causal text transformer, bias-free projections."""
-  from jsds_jax.models import clip  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import clip  # pylint: disable=g-import-not-at-top
   checkpoint = _require_checkpoint(config)
   m = clip.load_clip(checkpoint)
   return Backbone(
@@ -207,8 +207,8 @@ def _load_clip(config) -> Backbone:
 def _load_tiny(config) -> Backbone:
   """A random tiny ViT (32 px) + 2-layer BERT over MiniLM's 30522-word vocabulary, 16-d
   projections; deterministic in `config.seed`. Loads in about a second, for tests."""
-  from jsds_jax.models import bert  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import bert  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import vit  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   image_cfg = vit.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
                             num_heads=2, intermediate_size=64)

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import convert
-from jsds_jax.models import tower_output
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import tower_output
+from jsds_jax.models.trunk import weights
 
 _ACTIVATIONS = {
     # Hugging Face's "gelu" is the exact erf form; Flax's default is the tanh approximation.

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import torch_pickle
-from jsds_jax.models.convert import StateDictReader, assert_same_structure
-from jsds_jax.models.tower_output import TowerOutput
+from jsds_jax.models.trunk import torch_pickle
+from jsds_jax.models.trunk.convert import StateDictReader, assert_same_structure
+from jsds_jax.models.trunk.tower_output import TowerOutput
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage, before width/depth
 # scaling; the input channels of a stage are the previous stage's outputs (32 for the first).

@@ -7,7 +7,7 @@ followed by L2 normalisation. Its params start from that projection when the bac
 
 In the "last_block" variant (DESIGN.md §3, `model.last_block`) h is not read from the cache
 but computed by a trainable copy of the tower's last transformer block from the cached token
-states entering it (`jsds_jax/models/last_block.py`, held by `JSDSTail`); this module is the
+states entering it (`jsds_jax/models/tail/last_block.py`, held by `JSDSTail`); this module is the
 same either way.
 """
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import convert
+from jsds_jax.models.trunk import convert
 
 # F.normalize's eps: a zero vector maps to zero instead of NaN.
 NORM_EPS = 1e-12

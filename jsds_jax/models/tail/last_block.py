@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsds_jax.models import bert
-from jsds_jax.models import clip
-from jsds_jax.models import vit
+from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import clip
+from jsds_jax.models.trunk import vit
 
 
 class ViTLastBlock(nn.Module):

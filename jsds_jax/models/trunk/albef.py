@@ -28,10 +28,10 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import bert
-from jsds_jax.models import convert
-from jsds_jax.models import vit
-from jsds_jax.models import weights
+from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import vit
+from jsds_jax.models.trunk import weights
 
 # ALBEF normalises with OpenAI CLIP's statistics, at 384 px for retrieval.
 ALBEF_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)

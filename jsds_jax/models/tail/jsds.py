@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsds_jax.models import convert
-from jsds_jax.models import dense_tail as dense_tail_lib
-from jsds_jax.models import sparse_head as sparse_head_lib
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.tail import dense_tail as dense_tail_lib
+from jsds_jax.models.tail import sparse_head as sparse_head_lib
 
 TAU_INIT = 0.07
 TAU_MIN = 0.001

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import convert
+from jsds_jax.models.trunk import convert
 
 # PyTorch nn.LayerNorm's default, which the official code's new vocab LayerNorm uses.
 LN_EPS = 1e-5

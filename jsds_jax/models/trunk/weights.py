@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from jsds_jax.models import torch_pickle
+from jsds_jax.models.trunk import torch_pickle
 
 # Preferred first: safetensors needs no unpickling at all.
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

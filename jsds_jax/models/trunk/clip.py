@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax.models import convert
-from jsds_jax.models import weights
-from jsds_jax.models.tower_output import TowerOutput
+from jsds_jax.models.trunk import convert
+from jsds_jax.models.trunk import weights
+from jsds_jax.models.trunk.tower_output import TowerOutput
 
 # CLIP's image normalisation, used when a checkpoint ships no `preprocessor_config.json`.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
