@@ -30,25 +30,19 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
-import scipy.sparse as sp
 
 from jsds_jax import distributed
 from jsds_jax import explain
-from jsds_jax import metrics
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import metrics
+from jsds_jax.evaluation import pruning as pruning_lib
+from jsds_jax.evaluation import report as report_lib
+from jsds_jax.evaluation import scores as scores_lib
+from jsds_jax.evaluation import sparsity as sparsity_lib
 from jsds_jax.index import bundle
-from jsds_jax.index import inputs as index_inputs
-from jsds_jax.index import pruning
-from jsds_jax.models.tail import dense_tail
-from jsds_jax.models.tail import jsds
-
-KINDS = ("dense", "sparse", "integrated")
-PRUNE_KS = (4, 8, 16, 32, 64, 128, None)  # None: every term kept
-_FLOPS_BLOCK = 4096
 
 
 class EvalError(ValueError):
@@ -98,272 +92,18 @@ def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
                       f"{dims['vocab_size']} terms, the {source} {int(v)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Scores and metrics.
-
-
-def sparse_score_matrix(z_t: sp.csr_matrix, z_i: sp.csr_matrix,
-                        block: int = 1024) -> np.ndarray:
-  """S_s = z_t z_iᵀ of every caption against every image.
-
-  A trained head's vectors hold tens to hundreds of terms, where the sparse product costs a
-  few multiply-adds per pair. An untrained or weakly regularised head's hold thousands, where
-  that product is minutes on COCO and a dense matmul on the device is seconds; the dense path
-  is taken when the expected shared terms per pair exceed V/256 (about where they break even
-  on a CPU).
-
-  Args:
-    z_t: (N_captions, V) CSR. z_i: (N_images, V) CSR.
-    block: captions densified at a time on the dense path.
-
-  Returns:
-    (N_captions, N_images) float32.
-  """
-  v = z_t.shape[1]
-  share_t = np.bincount(z_t.indices, minlength=v) / max(1, z_t.shape[0])
-  share_i = np.bincount(z_i.indices, minlength=v) / max(1, z_i.shape[0])
-  if float(share_t @ share_i) * 256 < v:
-    return np.asarray((z_t @ z_i.T).toarray(), np.float32)
-  dense_i = jax.device_put(z_i.toarray())
-  out = np.empty((z_t.shape[0], z_i.shape[0]), np.float32)
-  for start in range(0, z_t.shape[0], block):
-    rows = z_t[start:start + block].toarray()
-    out[start:start + len(rows)] = np.asarray(jsds.sparse_scores(dense_i, rows)).T
-  return out
-
-
-def score_matrices(out: tail_outputs.TailOutputs, w1: float, w2: float) -> dict[str, np.ndarray]:
-  """Dense, sparse and integrated scores of every caption against every image.
-
-  Args:
-    out: the split's tail outputs.
-    w1, w2: the integrated score's weights.
-
-  Returns:
-    {"dense", "sparse", "integrated"}: (num_captions, num_images) float32; dense = e·e/τ.
-  """
-  dense = np.asarray(jsds.dense_scores(out.e_i, out.e_t, out.tau)).T
-  sparse = sparse_score_matrix(out.z_t, out.z_i)
-  integrated = np.asarray(jsds.integrated_scores(dense, sparse, w1, w2), np.float32)
-  return {"dense": dense, "sparse": sparse, "integrated": integrated}
-
-
-def zero_shot_scores(tail_init: Mapping[str, np.ndarray],
-                     cache: Mapping[str, Any]) -> np.ndarray | None:
-  """The backbone's own dense retrieval (its projections, before any training), or None.
-
-  Args:
-    tail_init: `feature_cache.load_tail_init` of the cache's backbone.
-    cache: the split's cache.
-
-  Returns:
-    (num_captions, num_images) cosine similarities, or None when the backbone has no
-    projections (`lit`).
-  """
-  if "image_proj.kernel" not in tail_init or "text_proj.kernel" not in tail_init:
-    return None
-
-  def project(h, prefix):
-    x = np.asarray(h, np.float32) @ tail_init[f"{prefix}.kernel"]
-    if f"{prefix}.bias" in tail_init:
-      x = x + tail_init[f"{prefix}.bias"]
-    return np.asarray(dense_tail.l2_normalize(x))
-
-  return project(cache["text_pooled"], "text_proj") @ project(cache["image_pooled"],
-                                                              "image_proj").T
-
-
-def _csr_blocks(z: sp.csr_matrix, block: int):
-  for start in range(0, z.shape[0], block):
-    yield z[start:start + block]
-
-
-def sparsity(z_t: sp.csr_matrix, z_i: sp.csr_matrix, block: int = _FLOPS_BLOCK) -> dict:
-  """Mean non-zeros per caption and per image, and D2S FLOPs (captions query images).
-
-  `metrics.sparse_flops` and `metrics.mean_nnz` take dense arrays; both are means over rows
-  (FLOPs a bilinear one), so they are evaluated block by block and the blocks averaged with
-  their sizes as weights: memory holds one dense block of captions and the images as booleans
-  (COCO 5k: 150 MB) instead of every vector dense (3 GB for its 25k captions).
-
-  Args:
-    z_t: (N_captions, V) CSR. z_i: (N_images, V) CSR.
-    block: rows densified at a time.
-
-  Returns:
-    {"caption_nnz", "image_nnz", "flops"}.
-  """
-  def nnz(z):
-    return sum(b.shape[0] * metrics.mean_nnz(b.toarray()) for b in _csr_blocks(z, block)) / (
-        z.shape[0])
-
-  doc_blocks = [b.toarray() != 0 for b in _csr_blocks(z_i, block)]
-  flops = 0.0
-  for q in _csr_blocks(z_t, block):
-    q = q.toarray() != 0
-    for d in doc_blocks:
-      flops += q.shape[0] * d.shape[0] * metrics.sparse_flops(q, d)
-  return {"caption_nnz": nnz(z_t), "image_nnz": nnz(z_i),
-          "flops": flops / (z_t.shape[0] * z_i.shape[0])}
-
-
-def prune_topk(z: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
-  """Each row keeps its k largest weights (ties: the smaller term id, as the index prunes)."""
-  if k is None:
-    return z
-  z = sp.csr_matrix(z)
-  if not z.has_sorted_indices:
-    z = z.sorted_indices()  # a copy: the caller's matrix is left alone
-  rows = index_inputs.CsrRows(z.indptr.astype(np.int64), z.indices.astype(np.int32),
-                              z.data.astype(np.float32), z.shape[1])
-  rows = pruning.prune_rows(rows, k)
-  return sp.csr_matrix((rows.data, rows.indices, rows.indptr), shape=z.shape)
-
-
-def pruning_curve(out: tail_outputs.TailOutputs, dense: np.ndarray,
-                  caption_image_index: np.ndarray, w1: float, w2: float,
-                  ks: Sequence[int | None] = PRUNE_KS,
-                  sparse: np.ndarray | None = None) -> list[dict]:
-  """t2i R@1 of sparse and integrated retrieval as vectors keep only their top-k terms.
-
-  Args:
-    out: the split's tail outputs.
-    dense: (num_captions, num_images) dense scores (pruning leaves them alone).
-    caption_image_index: (num_captions,).
-    w1, w2: the integrated score's weights.
-    ks: terms kept per vector (captions and images alike); None keeps all.
-    sparse: the unpruned sparse scores, if already computed (reused for k = None).
-
-  Returns:
-    One dict per k: {"k", "caption_nnz", "image_nnz", "flops", "sparse_R@1",
-    "integrated_R@1"}, in the order of `ks`.
-  """
-  def r1(scores):
-    return metrics.recall_at(metrics.t2i_ranks(scores, caption_image_index), (1,))["R@1"]
-
-  # Largest k first, each pruned from the one before: the top-k of the top-k' (k < k') is the
-  # top-k (same tie rule), and the big vectors are then pruned only once.
-  order = sorted(ks, key=lambda k: float("inf") if k is None else k, reverse=True)
-  z_t, z_i = out.z_t, out.z_i
-  rows = {}
-  for k in order:
-    z_t, z_i = prune_topk(z_t, k), prune_topk(z_i, k)
-    s = sparse if k is None and sparse is not None else sparse_score_matrix(z_t, z_i)
-    integ = np.asarray(jsds.integrated_scores(dense, s, w1, w2), np.float32)
-    rows[k] = {"k": k, **sparsity(z_t, z_i), "sparse_R@1": r1(s), "integrated_R@1": r1(integ)}
-  return [rows[k] for k in ks]
-
-
-def _tail_init_for(split_dir: pathlib.Path) -> dict[str, np.ndarray] | None:
+def _zero_shot(split_dir: pathlib.Path, cache: Mapping[str, Any]) -> np.ndarray | str:
+  """The backbone's own (num_captions, num_images) scores, or the note saying why there are
+  none."""
   # The cache layout puts tail_init beside the dataset folders: <backbone dir>/<dataset>/<split>.
   path = pathlib.Path(split_dir).parents[1] / feature_cache.TAIL_INIT
-  return feature_cache.load_tail_init(path) if path.exists() else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Files.
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def _fmt(x: float, digits: int = 2) -> str:
-  return f"{x:.{digits}f}"
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-  """report.json as Markdown: retrieval table, sparsity, pruning curve, notes."""
-  lines = [f"# Retrieval on {report['split']['dataset']}/{report['split']['name']} "
-           f"({report['split']['num_images']} images, {report['split']['num_captions']} "
-           "captions)", "",
-           "| retriever | t2i R@1 | t2i R@5 | t2i R@10 | t2i MRR@10 | i2t R@1 | i2t R@5 | "
-           "i2t R@10 | i2t MRR@10 | rsum |", "|---|" + "---|" * 9]
-  for kind in report["t2i"]:
-    t, i = report["t2i"][kind], report["i2t"][kind]
-    cells = [_fmt(t[f"R@{k}"]) for k in metrics.KS] + [_fmt(t["MRR@10"], 4)]
-    cells += [_fmt(i[f"R@{k}"]) for k in metrics.KS] + [_fmt(i["MRR@10"], 4)]
-    lines.append(f"| {kind} | " + " | ".join(cells) + f" | {_fmt(t['rsum'] + i['rsum'])} |")
-  sp_ = report["sparsity"]
-  lines += ["", f"Sparsity: {_fmt(sp_['caption_nnz'], 1)} non-zeros per caption, "
-            f"{_fmt(sp_['image_nnz'], 1)} per image, FLOPs {_fmt(sp_['flops'], 3)} "
-            "(D2S: mean over caption-image pairs of the terms both have).", "",
-            "## Pruning to the top-k terms of every vector", "",
-            "| k | caption nnz | image nnz | FLOPs | sparse t2i R@1 | integrated t2i R@1 |",
-            "|---|---|---|---|---|---|"]
-  for row in report["pruning"]:
-    lines.append(f"| {row['k'] or 'all'} | {_fmt(row['caption_nnz'], 1)} | "
-                 f"{_fmt(row['image_nnz'], 1)} | {_fmt(row['flops'], 3)} | "
-                 f"{_fmt(row['sparse_R@1'])} | {_fmt(row['integrated_R@1'])} |")
-  lines += [""] + [f"Note: {n}" for n in report.get("notes", [])]
-  lines.append(f"\nw1 = {report['w1']}, w2 = {report['w2']}, τ = {report['tau']:.4g}.")
-  return "\n".join(lines) + "\n"
-
-
-def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
-  """PNG of t2i R@1 against FLOPs, sparse and integrated, each point labelled with its k."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-  flops = [r["flops"] for r in curve]
-  for key, label in (("sparse_R@1", "sparse"), ("integrated_R@1", "integrated")):
-    ax.plot(flops, [r[key] for r in curve], marker="o", label=label)
-  for r in curve:
-    ax.annotate(str(r["k"] or "all"), (r["flops"], r["sparse_R@1"]), fontsize=7,
-                textcoords="offset points", xytext=(3, 3))
-  if all(f > 0 for f in flops):
-    ax.set_xscale("log")
-  ax.set_xlabel("FLOPs (mean shared terms per caption-image pair)")
-  ax.set_ylabel("text→image R@1 (%)")
-  ax.set_title("Pruning every vector to its top-k terms")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  fig.savefig(tmp, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
-def html_examples(out: tail_outputs.TailOutputs, scores: Mapping[str, np.ndarray],
-                  cache: Mapping[str, Any], vocab: Sequence[str], num_queries: int = 8,
-                  k: int = 5, terms: int = 6) -> list[explain.Example]:
-  """Example queries for the HTML report: captions spread over the split, top-k per retriever.
-
-  Args:
-    out: tail outputs. scores: `score_matrices`. cache: the split's cache. vocab: term strings.
-    num_queries: how many captions to show. k: images per retriever. terms: terms per item.
-  """
-  items, cap_index = cache["items"], np.asarray(cache["caption_image_index"])
-  n = len(items["captions"])
-  first_caption = {}
-  for c, i in enumerate(cap_index):
-    first_caption.setdefault(int(i), items["captions"][c])
-  thumbs: dict[int, str | None] = {}
-  examples = []
-  for c in np.unique(np.linspace(0, n - 1, min(num_queries, n)).astype(int)):
-    ranked = {}
-    for kind in ("sparse", "dense"):
-      row = scores[kind][c]
-      top = np.lexsort((np.arange(len(row)), -row))[:k]
-      hits = []
-      for i in top:
-        i = int(i)
-        if i not in thumbs:
-          thumbs[i] = explain.thumbnail_data_uri(items["image_sources"][i])
-        hits.append(explain.Hit(
-            image_id=str(items["image_ids"][i]), score=float(row[i]),
-            correct=i == int(cap_index[c]), thumbnail=thumbs[i],
-            caption=first_caption.get(i, ""),
-            terms=explain.shared_terms(out.z_t[c], out.z_i[i], vocab, terms)))
-      ranked[kind] = hits
-    examples.append(explain.Example(query=items["captions"][c],
-                                    query_terms=explain.top_terms(out.z_t[c], vocab, terms),
-                                    ranked=ranked))
-  return examples
+  if not path.exists():
+    return "no zero-shot reference: no tail_init beside the cache"
+  zs = scores_lib.zero_shot_scores(feature_cache.load_tail_init(path), cache)
+  if zs is None:
+    return (f"no zero-shot reference: backbone {cache['meta'].get('backbone')!r} has no "
+            "projections of its own")
+  return zs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,50 +155,30 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
-  scores = score_matrices(out, w1, w2)
-  per_kind = {kind: metrics.retrieval_metrics(scores[kind], cap_index) for kind in KINDS}
-  notes = []
-  trained_w = (_meta_get(meta, "w1"), _meta_get(meta, "w2"))
-  if None not in trained_w and tuple(map(float, trained_w)) != (w1, w2):
-    notes.append(f"integrated scores use this config's w1={w1}, w2={w2}; the checkpoint was "
-                 f"trained with w1={trained_w[0]}, w2={trained_w[1]}")
-  if _meta_get(meta, "mode") == "dense_only":
-    notes.append("a dense_only checkpoint: its sparse head was never trained, so the sparse and "
-                 "integrated lines only show where it starts")
-  tail_init = _tail_init_for(split_dir)
-  zs = zero_shot_scores(tail_init, cache) if tail_init is not None else None
-  if zs is not None:
-    per_kind["zero_shot"] = metrics.retrieval_metrics(zs, cap_index)
+  scores = scores_lib.score_matrices(out, w1, w2)
+  per_kind = scores_lib.retrieval(scores, cap_index)
+  notes = report_lib.notes_for(meta, w1, w2)
+  zero_shot = _zero_shot(split_dir, cache)
+  if isinstance(zero_shot, str):
+    notes.append(zero_shot)
   else:
-    notes.append(f"no zero-shot reference: backbone {cache['meta'].get('backbone')!r} has no "
-                 "projections of its own" if tail_init is not None else
-                 "no zero-shot reference: no tail_init beside the cache")
-  report: dict[str, Any] = {
-      "t2i": {kind: m["t2i"] for kind, m in per_kind.items()},
-      "i2t": {kind: m["i2t"] for kind, m in per_kind.items()},
-      "sparsity": sparsity(out.z_t, out.z_i),
-      "pruning": pruning_curve(out, scores["dense"], cap_index, w1, w2,
-                               sparse=scores["sparse"]),
-      "w1": w1, "w2": w2, "tau": out.tau,
-      "split": {"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
-                "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),
-                "cache": str(split_dir)},
-      "checkpoint": str(checkpoint), "mode": _meta_get(meta, "mode"),
-      "notes": notes,
-  }
-
+    per_kind["zero_shot"] = metrics.retrieval_metrics(zero_shot, cap_index)
+  report = report_lib.build(
+      per_kind, sparsity_lib.sparsity(out.z_t, out.z_i),
+      pruning_lib.pruning_curve(out, scores["dense"], cap_index, w1, w2, sparse=scores["sparse"]),
+      w1=w1, w2=w2, tau=out.tau, checkpoint=checkpoint, mode=_meta_get(meta, "mode"),
+      notes=notes,
+      split={"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
+             "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),
+             "cache": str(split_dir)})
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
-    model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size, checkpoint)
+    model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size,
+                                  checkpoint)
     bundle.write(out_dir, out, params, cache, config, model, w1, w2)
-  if html_report:
-    examples = html_examples(out, scores, cache, explain.vocabulary(backbone))
-    title = f"JSDS retrieval: {report['split']['dataset']}/{report['split']['name']}"
-    _atomic_write_text(out_dir / "report.html",
-                       explain.render_html_report(examples, title=title, notes=notes))
-  plot_pruning(report["pruning"], out_dir / "pruning.png")
-  _atomic_write_text(out_dir / "report.md", render_markdown(report))
-  feature_cache.atomic_write_json(out_dir / "report.json", report)
+  html = (report_lib.render_html(out, scores, cache, explain.vocabulary(backbone), report)
+          if html_report else None)
+  report_lib.write(out_dir, report, html)
   return report
 
 
@@ -535,7 +255,7 @@ def main(argv: Sequence[str]) -> None:
   except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(render_markdown(report))
+  print(report_lib.render_markdown(report))
   print(f"Report written to {pathlib.Path(f.out).resolve()}")
 
 

@@ -26,6 +26,7 @@ from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import train
+from jsds_jax.evaluation import report as report_lib
 
 EVAL_DIR = "eval"
 
@@ -49,7 +50,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     raise ValueError(f"split '{split}' is not in data.splits={tuple(config.data.splits)}")
   eval_dir = workdir / EVAL_DIR
   report = eval_lib.evaluate_checkpoint(config, workdir, eval_dir, split)
-  print(eval_lib.render_markdown(report), flush=True)
+  print(report_lib.render_markdown(report), flush=True)
   print(f"Best checkpoint: {checkpoint.resolve_step_dir(workdir)}")
   print(f"Report: {eval_dir / 'report.md'} (and report.json, pruning.png)")
   print(f"HTML report: {eval_dir / 'report.html'}", flush=True)

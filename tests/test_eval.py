@@ -12,7 +12,10 @@ from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import index as index_lib
 from jsds_jax.index import bundle
-from jsds_jax import metrics
+from jsds_jax.evaluation import metrics
+from jsds_jax.evaluation import pruning as pruning_lib
+from jsds_jax.evaluation import scores as scores_lib
+from jsds_jax.evaluation import validation
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
 from jsds_jax.models.trunk import backbones
@@ -96,6 +99,24 @@ def test_report_json_shape_and_metrics_equal_recomputation(setup):
   assert on_disk["sparsity"]["flops"] == pytest.approx(metrics.sparse_flops(d["z_t"], d["z_i"]))
 
 
+def test_validation_metrics_equal_the_eval_report(setup):
+  """Validation (train's Evaluator, on the mesh) and the eval binary's report agree on every
+  metric they share, under the same names, for the same params and split."""
+  params = setup["params"]
+  w1, w2 = setup["report"]["w1"], setup["report"]["w2"]
+  val = validation.evaluate_split(params, tail_outputs.tail_module_for(params),
+                                  setup["split_dir"], w1, w2)
+  report = setup["report"]
+  for kind in ("dense", "sparse", "integrated"):
+    for direction in ("t2i", "i2t"):
+      assert val[kind][direction] == pytest.approx(report[direction][kind], abs=1e-6), (
+          kind, direction)
+  assert val["sparsity"] == pytest.approx(report["sparsity"], rel=1e-9)
+  flat = validation.flatten_metrics(val)
+  assert flat["sparse/t2i/R@1"] == report["t2i"]["sparse"]["R@1"]
+  assert flat["sparsity/caption_nnz"] == pytest.approx(report["sparsity"]["caption_nnz"])
+
+
 def test_zero_shot_reference_is_the_backbone_projection(setup):
   cache = feature_cache.load_split(setup["split_dir"])
   bb = setup["backbone"]
@@ -109,12 +130,12 @@ def test_zero_shot_reference_is_the_backbone_projection(setup):
   assert setup["report"]["t2i"]["zero_shot"] == pytest.approx(m["t2i"])
   assert setup["report"]["i2t"]["zero_shot"] == pytest.approx(m["i2t"])
   # A backbone without projections (lit) gets no reference line.
-  assert eval_lib.zero_shot_scores({"word_embeddings": np.zeros((3, 2))}, cache) is None
+  assert scores_lib.zero_shot_scores({"word_embeddings": np.zeros((3, 2))}, cache) is None
 
 
 def test_pruning_curve_is_monotone_in_flops(setup):
   curve = setup["report"]["pruning"]
-  assert [r["k"] for r in curve] == list(eval_lib.PRUNE_KS)
+  assert [r["k"] for r in curve] == list(pruning_lib.PRUNE_KS)
   flops = [r["flops"] for r in curve]
   assert all(a <= b + 1e-12 for a, b in zip(flops, flops[1:])), flops
   assert flops[0] < flops[-1]
@@ -129,7 +150,7 @@ def test_pruning_curve_is_monotone_in_flops(setup):
 def test_prune_topk_keeps_the_largest_weights():
   import scipy.sparse as sp  # pylint: disable=g-import-not-at-top
   z = sp.csr_matrix(np.array([[0.0, 3.0, 1.0, 2.0, 2.0], [5.0, 0.0, 0.0, 0.0, 0.0]], np.float32))
-  pruned = eval_lib.prune_topk(z, 2).toarray()
+  pruned = pruning_lib.prune_topk(z, 2).toarray()
   np.testing.assert_array_equal(pruned, [[0, 3, 0, 2, 0], [5, 0, 0, 0, 0]])  # tie: smaller id
 
 
@@ -139,7 +160,7 @@ def test_sparse_scores_dense_path_equals_sparse_path():
   many = sp.random(20, 4000, density=0.6, format="csr", random_state=2, dtype=np.float32)
   for z_t, z_i in ((few, few[:7]), (many, many[:9])):  # the sparse path, then the dense one
     want = z_t.toarray() @ z_i.toarray().T
-    np.testing.assert_allclose(eval_lib.sparse_score_matrix(z_t, z_i, block=8), want,
+    np.testing.assert_allclose(scores_lib.sparse_score_matrix(z_t, z_i, block=8), want,
                                rtol=1e-5, atol=1e-5)
 
 

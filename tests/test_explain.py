@@ -12,6 +12,8 @@ from jsds_jax import eval as eval_lib
 from jsds_jax import explain
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import report as report_lib
+from jsds_jax.evaluation import scores as scores_lib
 from jsds_jax.models.trunk import backbones
 from test_eval import tiny_config  # pylint: disable=g-bad-import-order
 from test_eval import tiny_params  # pylint: disable=g-bad-import-order
@@ -101,8 +103,8 @@ def test_eval_writes_a_self_contained_escaped_report(backbone, tmp_path, tmp_pat
   items["captions"] = [MARKUP if i == 0 else c for i, c in enumerate(items["captions"])]
   cache["items"] = items
   out = tail_outputs.apply_tail(params, cache)
-  scores = eval_lib.score_matrices(out, 0.3, 0.7)
-  examples = eval_lib.html_examples(out, scores, cache, explain.vocabulary(backbone),
+  scores = scores_lib.score_matrices(out, 0.3, 0.7)
+  examples = report_lib.html_examples(out, scores, cache, explain.vocabulary(backbone),
                                     num_queries=3, k=2)
   assert examples[0].query == MARKUP
   assert [len(e.ranked["sparse"]) for e in examples] == [2, 2, 2]

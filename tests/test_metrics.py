@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jsds_jax import metrics
+from jsds_jax.evaluation import metrics
 
 
 def _reference_rank(scores_row, correct):

@@ -18,6 +18,7 @@ import pytest
 from jsds_jax import checkpoint
 from jsds_jax import train
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import validation
 import testing_utils  # tests/testing_utils.py
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,7 +120,8 @@ def test_run_writes_checkpoints_logs_and_best(reference):
   assert [r["step"] for r in records if r["kind"] == "train"] == list(range(4, STEPS + 1, 4))
   vals = [r for r in records if r["kind"] == "val"]
   assert [r["step"] for r in vals] == list(range(4, STEPS + 1, 4))  # every epoch
-  for key in ("sparse/t2i/R@1", "dense/i2t/R@10", "integrated/t2i/R@5", "nnz_text", "flops"):
+  for key in ("sparse/t2i/R@1", "dense/i2t/R@10", "integrated/t2i/R@5", "sparsity/caption_nnz",
+              "sparsity/flops"):
     assert np.isfinite(vals[-1][key]), key
   assert max(r["score"] for r in vals) == result["best_score"]
   assert records[0]["loss"] > 0 and "lr_head" in records[0]
@@ -136,7 +138,7 @@ def test_run_writes_checkpoints_logs_and_best(reference):
   assert (meta["image_dim"], meta["text_dim"], meta["word_dim"]) == (D_IMG, D_TXT, WORD_DIM)
   assert meta["weights_hash"] and meta["config"]["train"]["num_epochs"] == EPOCHS
   # The params evaluate to the logged validation metrics.
-  val = train.evaluate_split(params, checkpoint.tail_module(meta),
+  val = validation.evaluate_split(params, checkpoint.tail_module(meta),
                              pathlib.Path(result["feature_dirs"]["val"]), meta["w1"],
                              meta["w2"])
   assert val["sparse"]["t2i"]["R@1"] == result["best_score"]
