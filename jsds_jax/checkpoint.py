@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 import jsds_jax
+from jsds_jax import tail_outputs
 from jsds_jax.models.tail import jsds
 
 CHECKPOINTS = "checkpoints"
@@ -102,12 +103,20 @@ def make_metadata(config: ml_collections.ConfigDict, module: jsds.JSDSTail,
   }
 
 
-def tail_module(metadata: Mapping[str, Any]) -> jsds.JSDSTail:
-  """The `JSDSTail` a checkpoint's params belong to, rebuilt from its metadata."""
-  return jsds.JSDSTail(embed_dim=metadata["embed_dim"], vocab_size=metadata["vocab_size"],
-                       word_dim=metadata["word_dim"], use_bias=metadata["use_bias"],
-                       use_vocab_bias=metadata["use_vocab_bias"],
-                       dtype=jnp.dtype(metadata.get("dtype", "float32")))
+def tail_module(metadata: Mapping[str, Any], params: Mapping[str, Any],
+                backbone: Any = None) -> jsds.JSDSTail:
+  """The `JSDSTail` a checkpoint's params belong to, at the dtype it trained in: the sizes from
+  the params (`JSDSTail.from_params`), trained last blocks included.
+
+  Args:
+    metadata, params: what `load_params` returns.
+    backbone: the loaded backbone; needed only when the params hold last blocks.
+
+  Raises:
+    ValueError: the params hold a last block and no backbone was given.
+  """
+  return tail_outputs.tail_module_for(params, backbone,
+                                      jnp.dtype(metadata.get("dtype", "float32")))
 
 
 def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],
@@ -348,7 +357,7 @@ def load_params(path: str | os.PathLike) -> tuple[dict, dict]:
 
   Returns:
     (params {"image_tail", "text_tail", "sparse_head", "tau"} of np.ndarray, metadata dict as
-    written by `make_metadata`; rebuild the module with `tail_module(metadata)`).
+    written by `make_metadata`; rebuild the module with `tail_module(metadata, params)`).
 
   Raises:
     CheckpointError: nothing readable at `path` (the message names it).

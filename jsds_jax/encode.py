@@ -96,9 +96,9 @@ def cache_dir_for(config: ml_collections.ConfigDict, backbone: backbones.Backbon
 
 def tail_init_path(config: ml_collections.ConfigDict,
                    backbone: backbones.Backbone) -> pathlib.Path:
-  key = EncodeSettings.from_config(config).key(backbone)
-  return feature_cache.backbone_dir(config.encode.cache_root, backbone.name,
-                                    key) / feature_cache.TAIL_INIT
+  """Where `encode` writes the tensors the tail starts from, beside this config's caches."""
+  # Any split's folder locates it: tail_init is one per backbone, not per dataset or split.
+  return feature_cache.tail_init_path(cache_dir_for(config, backbone, "train"))
 
 
 def dataset_key(data: ml_collections.ConfigDict) -> str:

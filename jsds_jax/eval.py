@@ -95,8 +95,7 @@ def check_compatible(params: Mapping[str, Any], cache_meta: Mapping[str, Any],
 def _zero_shot(split_dir: pathlib.Path, cache: Mapping[str, Any]) -> np.ndarray | str:
   """The backbone's own (num_captions, num_images) scores, or the note saying why there are
   none."""
-  # The cache layout puts tail_init beside the dataset folders: <backbone dir>/<dataset>/<split>.
-  path = pathlib.Path(split_dir).parents[1] / feature_cache.TAIL_INIT
+  path = feature_cache.tail_init_path(split_dir)
   if not path.exists():
     return "no zero-shot reference: no tail_init beside the cache"
   zs = scores_lib.zero_shot_scores(feature_cache.load_tail_init(path), cache)

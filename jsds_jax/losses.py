@@ -26,7 +26,7 @@ Fidelity notes, from reading the official code:
   and drops by 1/(0.95 · epochs) after each epoch (clipped at 0); each training batch draws ONE
   Bernoulli(mask_ratio) coin, and when it comes up the captions' sparse vectors are multiplied
   by a 0/1 mask of their own token ids (padding excluded through the attention mask; special
-  tokens such as [CLS]/[SEP] included).
+  tokens such as [CLS]/[SEP] included). Our PEC is `jsds_jax/pec.py`.
 """
 
 from typing import Any, Optional
@@ -294,68 +294,3 @@ def positives_from_ids(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
     (B_i, B_t) bool.
   """
   return jnp.asarray(row_ids)[:, None] == jnp.asarray(col_ids)[None, :]
-
-
-def token_mask(token_ids: jax.Array, vocab_size: int,
-               attention_mask: Optional[jax.Array] = None) -> jax.Array:
-  """A 0/1 mask over the vocabulary of each caption's own tokens.
-
-  Args:
-    token_ids: (B, L) int token ids.
-    vocab_size: V.
-    attention_mask: (B, L) int/bool, 0 on padding (those ids do not count); None = all count.
-
-  Returns:
-    (B, V) float32, 1 where the caption contains the token.
-  """
-  token_ids = jnp.asarray(token_ids, jnp.int32)
-  b = token_ids.shape[0]
-  if attention_mask is None:
-    weight = jnp.ones(token_ids.shape, jnp.float32)
-  else:
-    weight = (jnp.asarray(attention_mask) != 0).astype(jnp.float32)
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], token_ids.shape)
-  # Scatter-max: a token repeated in a caption, or padding sharing an id, cannot erase a 1.
-  return jnp.zeros((b, vocab_size), jnp.float32).at[rows, token_ids].max(weight)
-
-
-def pec_mask(caption_token_ids: jax.Array, vocab_size: int, keep_prob: Any, rng: jax.Array,
-             attention_mask: Optional[jax.Array] = None, per_caption: bool = False) -> jax.Array:
-  """Probabilistic expansion control: a multiplicative (B, V) mask for caption sparse vectors.
-
-  With probability `keep_prob` (p(t) from `pec_prob`) a caption keeps only the vocabulary
-  entries of its own tokens (no expansion); otherwise its mask is all ones. Multiply z_t by it.
-
-  Args:
-    caption_token_ids: (B, L) int token ids of the captions.
-    vocab_size: V.
-    keep_prob: () probability of restricting to own tokens.
-    rng: PRNG key (fold in the step so each step draws anew).
-    attention_mask: (B, L), 0 on padding.
-    per_caption: False (the reference, lsr-multimodal `train.py`): one coin for the whole
-      batch; True: one coin per caption. In a sharded step, pass the same rng on every device
-      to keep the batch-wide coin consistent.
-
-  Returns:
-    (B, V) float32 in {0, 1}.
-  """
-  own = token_mask(caption_token_ids, vocab_size, attention_mask)
-  shape = (own.shape[0], 1) if per_caption else (1, 1)
-  restrict = jax.random.bernoulli(rng, jnp.asarray(keep_prob, jnp.float32), shape)
-  return jnp.where(restrict, own, 1.0)
-
-
-def pec_prob(step: Any, total_steps: Any, decay_fraction: float = 0.95) -> jax.Array:
-  """p(t) = max(0, 1 − t / (decay_fraction·total_steps)): 1 → 0 over 95% of training.
-
-  lsr-multimodal lowers it once per epoch; this is the per-step version of the same line.
-
-  Args:
-    step: t, steps taken so far. total_steps: the run's total.
-
-  Returns:
-    () float in [0, 1].
-  """
-  span = jnp.asarray(decay_fraction, float) * jnp.asarray(total_steps, float)
-  t = jnp.asarray(step, float)
-  return jnp.clip(1.0 - t / jnp.maximum(span, 1e-9), 0.0, 1.0)

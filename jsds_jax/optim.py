@@ -20,7 +20,6 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -107,13 +106,6 @@ def schedules(train: ml_collections.ConfigDict, total_steps: int) -> dict[str, o
   """{"embed": schedule, "head": schedule} from `train.<group>.lr` and `train.warmup_fraction`."""
   return {g: warmup_linear_decay(train[g].lr, total_steps, train.warmup_fraction)
           for g in GROUPS}
-
-
-def learning_rates(train: ml_collections.ConfigDict, total_steps: int,
-                   step: Any) -> dict[str, jax.Array]:
-  """{"lr_embed": (), "lr_head": ()}: the rates the update at `step` (0-based) applies."""
-  return {f"lr_{g}": jnp.asarray(s(step), jnp.float32)
-          for g, s in schedules(train, total_steps).items()}
 
 
 def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

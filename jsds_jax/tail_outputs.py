@@ -41,31 +41,26 @@ class TailOutputs:
   tau: float
 
 
-def tail_module_for(params: Mapping[str, Any], backbone: Any = None) -> jsds.JSDSTail:
-  """The `JSDSTail` whose params have the shapes of `params` (the checkpoint fixes them).
+def tail_module_for(params: Mapping[str, Any], backbone: Any = None,
+                    dtype: Any = jnp.float32) -> jsds.JSDSTail:
+  """The `JSDSTail` whose params have the shapes of `params` (the checkpoint fixes them), with
+  the trained last blocks the params hold (`JSDSTail.from_params`).
 
   Args:
     params: {"image_tail", "text_tail", "sparse_head", "tau"} as `init_jsds_tail` returns,
       plus "image_block" / "text_block" in the last_block variant.
     backbone: the loaded backbone; needed only with last blocks (its towers define them).
+    dtype: the tail's (and its blocks') computation dtype.
 
   Raises:
     ValueError: the params hold a last block and no backbone was given.
   """
-  head = params["sparse_head"]
-  vocab_size, word_dim = np.shape(head["word_embeddings"])
-  embed_dim = np.shape(params["image_tail"]["proj"]["kernel"])[1]
   blocks = {}
   for side in ("image", "text"):
-    if f"{side}_block" in params:
-      if backbone is None:
-        raise ValueError(f"these params hold a trained {side} last block: the backbone, whose "
-                         "tower defines that block, is needed to rebuild the tail")
+    if f"{side}_block" in params and backbone is not None:
       tower = backbone.image_tower if side == "image" else backbone.text_tower
-      blocks[f"{side}_block"] = last_block.block_for(tower)
-  return jsds.JSDSTail(embed_dim=int(embed_dim), vocab_size=int(vocab_size),
-                       word_dim=int(word_dim), use_bias="bias" in params["image_tail"]["proj"],
-                       use_vocab_bias="vocab_bias" in head, **blocks)
+      blocks[f"{side}_block"] = last_block.block_for(tower, dtype)
+  return jsds.JSDSTail.from_params(params, dtype=dtype, **blocks)
 
 
 def split_inputs(module: jsds.JSDSTail, cache: Mapping[str, Any],

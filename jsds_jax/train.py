@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
+from jsds_jax import atomic
 from jsds_jax import checkpoint
 from jsds_jax import distributed
 from jsds_jax import encode
@@ -98,11 +99,6 @@ def features_layout(setting: str) -> str:
     raise ValueError(f"train.features_layout must be 'auto', 'replicated' or 'sharded', got "
                      f"{setting!r}")
   return setting
-
-
-def tail_init_file(cache_dir: str | os.PathLike) -> pathlib.Path:
-  """`tail_init.safetensors` of a split's cache: two levels up, beside the datasets."""
-  return pathlib.Path(cache_dir).parent.parent / feature_cache.TAIL_INIT
 
 
 def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.ndarray],
@@ -247,9 +243,7 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
         kept.append(line + "\n")
     except (ValueError, KeyError, TypeError):
       continue
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text("".join(kept))
-  os.replace(tmp, path)
+  atomic.write_text(path, "".join(kept))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -371,8 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   total_steps = tc.num_epochs * steps_per_epoch
 
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  module, params = build_tail(config, feature_cache.load_tail_init(tail_init_file(dirs["train"])),
-                              image_dim, text_dim, init_rng, blocks)
+  tail_init = feature_cache.load_tail_init(feature_cache.tail_init_path(dirs["train"]))
+  module, params = build_tail(config, tail_init, image_dim, text_dim, init_rng, blocks)
   # The last_block variant's token states, streamed from the host each step.
   stream = (token_stream.TokenStream(train_cache, tuple(blocks), mesh, where=f"'{dirs['train']}'")
             if blocks else None)

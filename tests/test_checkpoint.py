@@ -83,7 +83,7 @@ def test_round_trip_best_and_load_params(tmp_path, setup):
   assert meta["config"]["train"]["mode"] == "jsds"
   params6, _ = checkpoint.load_params(tmp_path / "checkpoints" / "6")
   _assert_trees_equal(params6, want.params)
-  module = checkpoint.tail_module(meta)
+  module = checkpoint.tail_module(meta, params)
   out = module.apply({"params": params}, np.zeros((2, D_IMG), np.float32),
                      np.zeros((3, D_TXT), np.float32))
   assert out["z_i"].shape == (2, V) and out["e_t"].shape == (3, P)
@@ -121,3 +121,50 @@ def test_mismatched_run_is_refused(tmp_path, setup):
     ckpt.restore_latest(_state(setup, 0), other)
   ckpt.close()
   json.dumps(setup["meta"])  # the metadata is plain JSON
+
+
+def test_last_block_checkpoint_round_trips(tmp_path):
+  """A tail with trained last blocks saved and loaded back evaluates as it did, blocks and all;
+  without the backbone that defines the blocks it is refused, never silently rebuilt without."""
+  from jsds_jax import tail_outputs  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.tail import last_block  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+  config = config_base.base_config()
+  config.backbone.name = "tiny"
+  config.model.last_block = "both"
+  backbone = backbones.load_backbone(config.backbone)
+  blocks = last_block.blocks_for_backbone(backbone, "both")
+  module = jsds.JSDSTail(embed_dim=16, vocab_size=backbone.vocab_size, word_dim=32,
+                         image_block=blocks["image"][0], text_block=blocks["text"][0])
+  params = jsds.init_jsds_tail(jax.random.key(0), module, 32, 32, backbone.image_proj,
+                               backbone.text_proj, backbone.word_embeddings,
+                               image_block_params=blocks["image"][1],
+                               text_block_params=blocks["text"][1])
+  # Move the blocks off the frozen tower's values, as training does.
+  params = dict(params, image_block=jax.tree.map(lambda x: x * 1.1, params["image_block"]),
+                text_block=jax.tree.map(lambda x: x * 0.9, params["text_block"]))
+  rng = np.random.default_rng(0)
+  tokens_i = rng.normal(size=(2, 17, 32)).astype(np.float32)
+  tokens_t = rng.normal(size=(3, 6, 32)).astype(np.float32)
+  ids = np.array([[101, 7, 8, 102, -1, -1], [101, 9, 102, -1, -1, -1],
+                  [101, 5, 6, 7, 8, 102]], np.int32)
+  want = module.apply({"params": params}, tokens_i, tokens_t, ids)
+
+  meta = checkpoint.make_metadata(config, module, {"backbone": "tiny", "weights_hash": "h",
+                                                   "dataset": "synthetic"},
+                                  image_dim=32, text_dim=32, steps_per_epoch=1, total_steps=1)
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
+  ckpt.save_best(1, params, meta, checkpoint.Progress(), 1.0)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  loaded, loaded_meta = checkpoint.load_params(tmp_path)
+  assert {"image_block", "text_block"} <= set(loaded)
+  rebuilt = checkpoint.tail_module(loaded_meta, loaded, backbone)
+  assert rebuilt.image_block is not None and rebuilt.text_block is not None
+  got = rebuilt.apply({"params": loaded}, tokens_i, tokens_t, ids)
+  for k in ("e_i", "z_i", "e_t", "z_t"):
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  with pytest.raises(ValueError, match="backbone"):
+    checkpoint.tail_module(loaded_meta, loaded)
+  with pytest.raises(ValueError, match="backbone"):
+    tail_outputs.tail_module_for(loaded)

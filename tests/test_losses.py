@@ -25,7 +25,6 @@ kd_loss = jit(losses.kd_loss, static_argnames=("stop_gradient", "reference_quirk
 jsds_loss = jit(losses.jsds_loss, static_argnames=("regularizer", "reference_quirks",
                                                    "multi_positive", "warmup_fraction"))
 d2s_loss = jit(losses.d2s_loss, static_argnames=("regularizer", "warmup_fraction"))
-pec_mask = jit(losses.pec_mask, static_argnames=("vocab_size", "per_caption"))
 
 
 def grads(fns, *args):
@@ -350,38 +349,3 @@ def test_d2s_loss_matches_numpy():
   g, = grads([lambda c: losses.d2s_loss(f64(s_s), c, tau_t, f64(z_i), f64(z_t), 1e-3, 2e-3,
                                         step, total)[0]], f64(cos))
   assert max_abs(g) == 0.0
-
-
-# ------------------------------------------------------------------------------------- PEC
-
-
-def test_token_mask_and_pec():
-  ids = np.array([[101, 5, 7, 5, 102, 0, 0],
-                  [101, 9, 102, 0, 0, 0, 0]])
-  attn = (ids != 0).astype(np.int32)
-  want = np.zeros((2, 112))
-  want[0, [101, 5, 7, 102]] = 1
-  want[1, [101, 9, 102]] = 1
-  # padding id 0 is not a token; a repeated token (5) is simply 1
-  np.testing.assert_array_equal(jax.jit(losses.token_mask, static_argnums=1)(ids, 112, attn),
-                                want)
-  many, many_attn, many_want = np.tile(ids, (32, 1)), np.tile(attn, (32, 1)), np.tile(want, (32, 1))
-  key = jax.random.key(0)
-  np.testing.assert_array_equal(pec_mask(many, 112, 1.0, key, many_attn), many_want)
-  np.testing.assert_array_equal(pec_mask(many, 112, 0.0, key, many_attn), np.ones((64, 112)))
-  # Batch-wide coin (the reference): every caption shares the outcome, which varies by key.
-  rows = [np.asarray(pec_mask(many, 112, 0.5, jax.random.key(s), many_attn)).sum(axis=1) < 112
-          for s in range(8)]
-  assert all(r.all() or not r.any() for r in rows)
-  assert 0 < sum(r.all() for r in rows) < 8
-  # One coin per caption: at p = 0.5 over 64 captions both outcomes occur.
-  m = np.asarray(pec_mask(many, 112, 0.5, key, many_attn, per_caption=True))
-  restricted = m.sum(axis=1) < 112
-  assert 0 < restricted.sum() < 64
-  np.testing.assert_array_equal(m[restricted], many_want[restricted])
-
-
-def test_pec_prob():
-  total = 1000
-  for step, want in [(0, 1.0), (475, 0.5), (950, 0.0), (1000, 0.0)]:
-    assert abs(float(losses.pec_prob(step, total)) - want) < 1e-12

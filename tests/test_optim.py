@@ -71,9 +71,9 @@ def test_schedule_matches_linear_warmup_then_decay():
   total = 100  # warm-up over int(0.2 * 100) = 20 steps
   for step, want_embed, want_head in [(0, 0.0, 0.0), (10, 2.5e-5, 5e-4), (20, 5e-5, 1e-3),
                                       (60, 2.5e-5, 5e-4), (100, 0.0, 0.0)]:
-    lrs = optim.learning_rates(train, total, step)
-    np.testing.assert_allclose(float(lrs["lr_embed"]), want_embed, rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(float(lrs["lr_head"]), want_head, rtol=1e-6, atol=1e-12)
+    lrs = optim.schedules(train, total)
+    np.testing.assert_allclose(float(lrs["embed"](step)), want_embed, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(lrs["head"](step)), want_head, rtol=1e-6, atol=1e-12)
   no_warmup = optim.warmup_linear_decay(1.0, 10, warmup_fraction=0.0)
   np.testing.assert_allclose([float(no_warmup(s)) for s in (0, 5, 10)], [1.0, 0.5, 0.0])
 

@@ -138,7 +138,7 @@ def test_run_writes_checkpoints_logs_and_best(reference):
   assert (meta["image_dim"], meta["text_dim"], meta["word_dim"]) == (D_IMG, D_TXT, WORD_DIM)
   assert meta["weights_hash"] and meta["config"]["train"]["num_epochs"] == EPOCHS
   # The params evaluate to the logged validation metrics.
-  val = validation.evaluate_split(params, checkpoint.tail_module(meta),
+  val = validation.evaluate_split(params, checkpoint.tail_module(meta, params),
                              pathlib.Path(result["feature_dirs"]["val"]), meta["w1"],
                              meta["w2"])
   assert val["sparse"]["t2i"]["R@1"] == result["best_score"]

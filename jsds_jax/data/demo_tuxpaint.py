@@ -36,6 +36,7 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
+from jsds_jax import atomic
 from jsds_jax.data.images import to_rgb
 from jsds_jax.data.karpathy import make_record
 from jsds_jax.data.karpathy import write_karpathy
@@ -68,10 +69,6 @@ def demo_paths(cache_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path
   """(Karpathy JSON, image root) of the demo data in `cache_dir`."""
   cache = pathlib.Path(cache_dir).expanduser()
   return cache / JSON_NAME, cache / IMAGES_DIR
-
-
-def _tmp(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def download_deb(download_dir: str | os.PathLike) -> pathlib.Path:
@@ -160,23 +157,22 @@ def extract_stamps(deb: str | os.PathLike, dest: str | os.PathLike) -> pathlib.P
   offset, size, name = _ar_member(deb, "data.tar")
   if not name.endswith((".tar", ".gz", ".xz", ".bz2")):
     raise DemoDataError(f"{deb}: {name} is compressed in a way Python's tarfile cannot read")
-  tmp = _tmp(dest)
-  shutil.rmtree(tmp, ignore_errors=True)
   prefix = STAMPS_DIR + "/"
-  with open(deb, "rb") as f, tarfile.open(fileobj=io.BufferedReader(_Slice(f, offset, size)),
-                                          mode="r|*") as tar:
-    for member in tqdm(tar, desc=f"extract {deb.name}", unit=" files", mininterval=2):
-      path = member.name.removeprefix("./")
-      parts = pathlib.PurePosixPath(path).parts
-      if (not member.isfile() or not path.startswith(prefix) or ".." in parts
-          or not path.endswith(_KEEP_SUFFIXES)):
-        continue
-      out = tmp.joinpath(*parts)
-      out.parent.mkdir(parents=True, exist_ok=True)
-      out.write_bytes(tar.extractfile(member).read())
-  if not (tmp / STAMPS_DIR).is_dir():
-    raise DemoDataError(f"{deb} holds no {STAMPS_DIR}/ folder")
-  os.replace(tmp, dest)
+  with atomic.replacing(dest) as tmp:
+    shutil.rmtree(tmp, ignore_errors=True)
+    with open(deb, "rb") as f, tarfile.open(fileobj=io.BufferedReader(_Slice(f, offset, size)),
+                                            mode="r|*") as tar:
+      for member in tqdm(tar, desc=f"extract {deb.name}", unit=" files", mininterval=2):
+        path = member.name.removeprefix("./")
+        parts = pathlib.PurePosixPath(path).parts
+        if (not member.isfile() or not path.startswith(prefix) or ".." in parts
+            or not path.endswith(_KEEP_SUFFIXES)):
+          continue
+        out = tmp.joinpath(*parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(tar.extractfile(member).read())
+    if not (tmp / STAMPS_DIR).is_dir():
+      raise DemoDataError(f"{deb} holds no {STAMPS_DIR}/ folder")
   return dest / STAMPS_DIR
 
 
@@ -236,9 +232,8 @@ def convert_picture(src: pathlib.Path, dst: pathlib.Path, max_side: int = 256,
   if max(rgb.size) > max_side:
     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
   dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp(dst)
-  rgb.save(tmp, format="JPEG", quality=quality)
-  os.replace(tmp, dst)
+  with atomic.replacing(dst) as tmp:
+    rgb.save(tmp, format="JPEG", quality=quality)
 
 
 def build_from_stamps(stamps_root: str | os.PathLike, out_dir: str | os.PathLike,

@@ -38,6 +38,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jsds_jax import atomic
+
 META = "meta.json"
 # (N_captions, L) int32 token ids of every caption, -1 at padding: the vocabulary entries a
 # caption's own words occupy (PEC masks with them; a text last block attends with them).
@@ -66,29 +68,24 @@ def split_dir(cache_root, backbone: str, weights_hash: str, dataset: str,
   return backbone_dir(cache_root, backbone, weights_hash) / dataset / split
 
 
-def _tmp_name(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def tail_init_path(split_cache: str | os.PathLike) -> pathlib.Path:
+  """`tail_init.safetensors` of the backbone a split's cache (`split_dir`) belongs to: two
+  levels up, beside the dataset folders."""
+  return pathlib.Path(split_cache).parents[1] / TAIL_INIT
 
 
 def atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> None:
   """np.save to a temporary name, fsync, rename: readers never see a partial file."""
   if array.dtype == ml_dtypes.bfloat16:
     array = array.view(np.uint16)
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
+  with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
     np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+    atomic.sync(f)
 
 
 def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-  tmp = _tmp_name(path)
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """The cache's JSON files (meta, items), one key per line, written atomically."""
+  atomic.write_json(path, obj, indent=1)
 
 
 def part_path(directory: pathlib.Path, name: str, chunk: int) -> pathlib.Path:
@@ -101,16 +98,15 @@ def concat_parts(directory: pathlib.Path, name: str, num_chunks: int) -> pathlib
   parts = [np.load(part_path(directory, name, k), mmap_mode="r") for k in range(num_chunks)]
   total = sum(p.shape[0] for p in parts)
   final = directory / f"{name}.npy"
-  tmp = _tmp_name(final)
-  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype,
-                                  shape=(total,) + parts[0].shape[1:])
-  row = 0
-  for p in parts:
-    out[row:row + p.shape[0]] = p
-    row += p.shape[0]
-  out.flush()
-  del out
-  os.replace(tmp, final)
+  with atomic.replacing(final) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype,
+                                    shape=(total,) + parts[0].shape[1:])
+    row = 0
+    for p in parts:
+      out[row:row + p.shape[0]] = p
+      row += p.shape[0]
+    out.flush()
+    del out
   for k in range(num_chunks):
     part_path(directory, name, k).unlink()
   return final
@@ -168,10 +164,9 @@ def check_matches(meta: Mapping[str, Any], *, backbone: str | None = None,
 def save_tail_init(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
   """Writes the tensors the trained tail starts from, atomically."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  tmp = _tmp_name(path)
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32)
-                               for k, v in tensors.items()}, str(tmp))
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32)
+                                 for k, v in tensors.items()}, str(tmp))
 
 
 def load_tail_init(path: str | os.PathLike) -> dict[str, np.ndarray]:

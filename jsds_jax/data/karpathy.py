@@ -33,6 +33,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from jsds_jax import atomic
 from jsds_jax.data.images import read_image
 from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
@@ -330,10 +331,5 @@ def write_karpathy(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]
       raise ValueError(f"records[{r}] is not a Karpathy record: "
                        f"{_record_problem(record) or 'has no split'}")
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"images": list(records), "dataset": dataset}, f, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_json(path, {"images": list(records), "dataset": dataset}, ensure_ascii=False)
   return path

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from jsds_jax import atomic
 from jsds_jax.data.karpathy import make_record
 from jsds_jax.data.karpathy import write_karpathy
 
@@ -106,9 +107,8 @@ def make_synthetic(root: str | os.PathLike, num_images: int = 40, captions_per_i
     filename = f"{i:05d}.png"
     out = root / IMAGES_DIR / split / filename
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{filename}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic.replacing(out) as tmp:
+      image.save(tmp, format="PNG")
     templates = rng.permutation(len(_TEMPLATES))[:captions_per_image]
     captions = [_TEMPLATES[t].format(**attributes) for t in templates]
     records.append(make_record(filename, split, captions, imgid=i,

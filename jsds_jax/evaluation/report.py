@@ -6,12 +6,12 @@
 """
 
 from collections.abc import Mapping, Sequence
-import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from jsds_jax import atomic
 from jsds_jax import explain
 from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import metrics
@@ -54,20 +54,14 @@ def build(per_kind: Mapping[str, Mapping[str, Any]], sparsity: Mapping[str, floa
   }
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write(out_dir: pathlib.Path, report: Mapping[str, Any], html: str | None = None) -> None:
   """report.json, report.md, pruning.png and (given `html`) report.html in `out_dir`."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if html is not None:
-    _atomic_write_text(out_dir / "report.html", html)
+    atomic.write_text(out_dir / "report.html", html)
   plot_pruning(report["pruning"], out_dir / "pruning.png")
-  _atomic_write_text(out_dir / "report.md", render_markdown(report))
+  atomic.write_text(out_dir / "report.md", render_markdown(report))
   feature_cache.atomic_write_json(out_dir / "report.json", report)
 
 
@@ -123,10 +117,9 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  fig.savefig(tmp, format="png")
+  with atomic.replacing(path) as tmp:
+    fig.savefig(tmp, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def html_examples(out: Any, scores: Mapping[str, np.ndarray], cache: Mapping[str, Any],

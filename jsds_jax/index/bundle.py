@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jsds_jax import atomic
 from jsds_jax.data import feature_cache
 
 INDEX_DIR = "index"
@@ -32,11 +33,10 @@ def save_tail_params(path: pathlib.Path, params: Mapping[str, Any]) -> None:
   """The tail's params as one safetensors file ("a/b/c" names), written atomically."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   flat = flax.traverse_util.flatten_dict(jax.device_get(dict(params)), sep="/")
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   # np.array, not np.ascontiguousarray: the latter turns the 0-d τ into shape (1,).
-  safetensors.numpy.save_file({k: np.array(v, np.float32, order="C") for k, v in flat.items()},
-                              str(tmp))
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    safetensors.numpy.save_file({k: np.array(v, np.float32, order="C")
+                                 for k, v in flat.items()}, str(tmp))
 
 
 def load_tail_params(path: str | os.PathLike) -> dict:

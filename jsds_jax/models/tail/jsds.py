@@ -14,6 +14,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsds_jax.models.trunk import convert
 from jsds_jax.models.tail import dense_tail as dense_tail_lib
@@ -80,6 +81,40 @@ class JSDSTail(nn.Module):
   dtype: Any = jnp.float32
   image_block: Optional[nn.Module] = None
   text_block: Optional[nn.Module] = None
+
+  @classmethod
+  def from_params(cls, params: Mapping[str, Any], *, image_block: Optional[nn.Module] = None,
+                  text_block: Optional[nn.Module] = None, dtype: Any = jnp.float32,
+                  ) -> "JSDSTail":
+    """The tail that `params` belong to, its sizes read from their shapes.
+
+    The one place a tail is rebuilt from trained params (checkpoints, the search bundle,
+    `tail_outputs`), so that nothing trained is left out.
+
+    Args:
+      params: {"image_tail", "text_tail", "sparse_head", "tau"} as `init_jsds_tail` returns:
+        image_tail/proj/kernel (D_img, P), sparse_head/word_embeddings (V, d_w), ... plus
+        "image_block" / "text_block" in the last_block variant.
+      image_block, text_block: the block modules (`last_block.block_for(tower)`); required
+        exactly for the sides whose block `params` hold.
+      dtype: computation dtype.
+
+    Raises:
+      ValueError: `params` hold a trained block whose module is not given, or the reverse.
+    """
+    for side, block in (("image", image_block), ("text", text_block)):
+      if (f"{side}_block" in params) != (block is not None):
+        raise ValueError(
+            f"these params hold a trained {side} last block: the backbone, whose tower defines "
+            "that block, is needed to rebuild the tail" if block is None else
+            f"a {side} block module was given but the params hold no {side}_block")
+    head = params["sparse_head"]
+    vocab_size, word_dim = np.shape(head["word_embeddings"])
+    embed_dim = np.shape(params["image_tail"]["proj"]["kernel"])[1]
+    return cls(embed_dim=int(embed_dim), vocab_size=int(vocab_size), word_dim=int(word_dim),
+               use_bias="bias" in params["image_tail"]["proj"],
+               use_vocab_bias="vocab_bias" in head, dtype=dtype, image_block=image_block,
+               text_block=text_block)
 
   def setup(self):
     self.image_tail = _dense_tail(self)
