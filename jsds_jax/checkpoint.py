@@ -135,7 +135,7 @@ class Progress:
   """What the loop needs besides the train state to continue exactly where it stopped.
 
   Attributes:
-    epoch, step_in_epoch: the data position (`input_pipeline.DataPosition`) of the next step.
+    epoch, step_in_epoch: the data position of the next step (`train_data.position`).
     best_score: the best validation score so far (-1 before the first validation).
     best_step: the step it was reached at (-1: none).
     evals_since_best: validations without improvement since then (early stopping).

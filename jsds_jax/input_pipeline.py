@@ -433,30 +433,3 @@ def gather_token_ids(features: DeviceFeatures, caption_idx: jax.Array) -> jax.Ar
   if features.text_token_ids is None:
     raise ValueError("these DeviceFeatures were loaded without caption token ids")
   return jnp.take(features.text_token_ids, caption_idx, axis=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataPosition:
-  """Where the run is in the data: the next step reads row `step_in_epoch` of `epoch`'s order.
-
-  Saved beside the train state so a resumed run continues with the very next batch.
-  """
-
-  epoch: int = 0
-  step_in_epoch: int = 0
-
-  @classmethod
-  def from_global_step(cls, step: int, steps_in_epoch: int) -> "DataPosition":
-    return cls(epoch=step // steps_in_epoch, step_in_epoch=step % steps_in_epoch)
-
-  def next(self, steps_in_epoch: int) -> "DataPosition":
-    if self.step_in_epoch + 1 >= steps_in_epoch:
-      return DataPosition(self.epoch + 1, 0)
-    return DataPosition(self.epoch, self.step_in_epoch + 1)
-
-  def to_dict(self) -> dict[str, int]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "DataPosition":
-    return cls(epoch=int(d["epoch"]), step_in_epoch=int(d["step_in_epoch"]))

@@ -26,7 +26,6 @@ before anything non-finite is saved.
 
 from collections.abc import Mapping, Sequence
 import dataclasses
-import json
 import os
 import pathlib
 import signal
@@ -45,14 +44,13 @@ from ml_collections import config_flags
 import numpy as np
 import tqdm
 
-from jsds_jax import atomic
 from jsds_jax import checkpoint
 from jsds_jax import distributed
 from jsds_jax import encode
-from jsds_jax import input_pipeline
+from jsds_jax import metric_writer
 from jsds_jax import optim
 from jsds_jax import sharding
-from jsds_jax import token_stream
+from jsds_jax import train_data
 from jsds_jax import train_step
 from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import validation
@@ -60,9 +58,9 @@ from jsds_jax.models.trunk import backbones
 from jsds_jax.models.tail import jsds
 from jsds_jax.models.tail import last_block
 
-P = jax.sharding.PartitionSpec
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+METRICS_FILE = metric_writer.METRICS_FILE
+TENSORBOARD_DIR = metric_writer.TENSORBOARD_DIR
+read_jsonl = metric_writer.read_jsonl
 RESULT_FILE = "result.json"
 EXIT_DIVERGED = 3
 DEFAULT_EMBED_DIM = 256  # the tail width for backbones without projections (BLIP's)
@@ -172,86 +170,6 @@ def load_blocks(config: ml_collections.ConfigDict,
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging.
-
-
-class MetricWriter:
-  """Appends records to `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
-
-  Args:
-    workdir: the train workdir.
-    start_step: the step the run (re)starts at; records after it, left by a run killed after
-      its last checkpoint, are dropped (and TensorBoard told to purge them).
-  """
-
-  def __init__(self, workdir: pathlib.Path, start_step: int):
-    self.enabled = jax.process_index() == 0
-    self.path = workdir / METRICS_FILE
-    self._tb = None
-    if not self.enabled:
-      return
-    _truncate_jsonl(self.path, start_step)
-    self._tb = _tensorboardx().SummaryWriter(str(workdir / TENSORBOARD_DIR),
-                                          purge_step=start_step if start_step else None)
-
-  def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    record = {"kind": kind, "step": int(step), "time": round(time.time(), 3), **scalars}
-    # One write of a whole line, flushed and synced: a kill leaves at most a partial last line,
-    # which the next run's `_truncate_jsonl` drops.
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    for k, v in scalars.items():
-      # TensorBoard tags take no "@": "val/sparse/t2i/R1".
-      self._tb.add_scalar(f"{kind}/{k}".replace("@", ""), v, int(step))
-    if kind != "train":
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def _tensorboardx():
-  """tensorboardX, imported without torch.
-
-  Its writer imports torch when installed (only to accept torch tensors), which costs seconds
-  at every start; it falls back to numpy when the import fails, so torch is masked meanwhile.
-  """
-  if "torch" in sys.modules:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    return tensorboardX
-  sys.modules["torch"] = None  # makes `import torch` raise ImportError
-  try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules["torch"]
-  return tensorboardX
-
-
-def _truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
-  """Keeps the records with step <= last_step (and drops unparsable lines), atomically."""
-  if not path.exists():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      if json.loads(line)["step"] <= last_step:
-        kept.append(line + "\n")
-    except (ValueError, KeyError, TypeError):
-      continue
-  atomic.write_text(path, "".join(kept))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """The records of a metrics.jsonl."""
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -312,6 +230,69 @@ class _Window:
     return means, rate
 
 
+@dataclasses.dataclass
+class Setup:
+  """What a run needs before its first step (`setup`).
+
+  Attributes:
+    module: the `JSDSTail`. state: the fresh replicated train state.
+    data: the batches (`train_data.TrainData`). step_fn: `train_step.make_train_step`'s step.
+    metadata: saved beside every checkpoint (`checkpoint.make_metadata`).
+    total_steps: num_epochs x steps per epoch. dirs: {split: feature-cache dir}.
+  """
+
+  module: jsds.JSDSTail
+  state: Any
+  data: train_data.TrainData
+  step_fn: Any
+  metadata: dict[str, Any]
+  total_steps: int
+  dirs: dict[str, pathlib.Path]
+
+
+def setup(config: ml_collections.ConfigDict,
+          cache_dirs: Mapping[str, str | os.PathLike] | None = None) -> Setup:
+  """Finds (or builds) the feature caches, puts the train split on the devices, builds the tail,
+  its optimizer and the step (see `train_and_evaluate` for the arguments)."""
+  tc = config.train
+  _check_last_block_setting(config)  # before any encoding
+  splits = ("train", tc.val_split)
+  dirs = ({s: pathlib.Path(cache_dirs[s]) for s in splits} if cache_dirs
+          else feature_dirs(config, splits))
+  mesh = (sharding.global_data_mesh() if jax.process_count() > 1
+          else sharding.local_data_mesh())
+  if tc.batch_size % mesh.size:
+    raise ValueError(f"train.batch_size={tc.batch_size} is not a multiple of the {mesh.size} "
+                     "devices")
+  train_cache = feature_cache.load_split(dirs["train"], mmap=True)
+  image_dim = train_cache["image_pooled"].shape[1]
+  text_dim = train_cache["text_pooled"].shape[1]
+  layout = features_layout(tc.features_layout)
+  blocks = load_blocks(config, train_cache["meta"])
+  # Caption token ids on the devices: PEC masks with them, a text last block attends with them.
+  data = train_data.TrainData(dirs["train"], train_cache, mesh, seed=config.seed,
+                              batch_size=tc.batch_size, layout=layout,
+                              token_ids=bool(tc.pec) or "text" in blocks,
+                              stream_sides=tuple(blocks))
+  total_steps = tc.num_epochs * data.steps_per_epoch
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+  tail_init = feature_cache.load_tail_init(feature_cache.tail_init_path(dirs["train"]))
+  module, params = build_tail(config, tail_init, image_dim, text_dim, init_rng, blocks)
+  metadata = checkpoint.make_metadata(config, module, train_cache["meta"], image_dim=image_dim,
+                                      text_dim=text_dim, steps_per_epoch=data.steps_per_epoch,
+                                      total_steps=total_steps)
+  # What fixes the batches besides the seed: a checkpoint resumes only under the same value
+  # (checkpoint.RESUME_KEYS); the sharded order also depends on the device count.
+  metadata["features_layout"] = f"sharded/{mesh.size}" if layout == "sharded" else "replicated"
+  if tc.init_from:
+    params = _params_from(tc.init_from, params, metadata)
+  tx = optim.make_optimizer(tc, total_steps)
+  # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
+  state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
+  step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh)
+  return Setup(module, state, data, step_fn, metadata, total_steps, dirs)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        cache_dirs: Mapping[str, str | os.PathLike] | None = None,
                        ) -> dict[str, Any]:
@@ -333,139 +314,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       the last finite checkpoint).
   """
   tc = config.train
-  _check_last_block_setting(config)  # before any encoding
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  splits = ("train", tc.val_split)
-  dirs = ({s: pathlib.Path(cache_dirs[s]) for s in splits} if cache_dirs
-          else feature_dirs(config, splits))
-  mesh = (sharding.global_data_mesh() if jax.process_count() > 1
-          else sharding.local_data_mesh())
-  if tc.batch_size % mesh.size:
-    raise ValueError(f"train.batch_size={tc.batch_size} is not a multiple of the {mesh.size} "
-                     "devices")
-
-  train_cache = feature_cache.load_split(dirs["train"], mmap=True)
-  cap_img = np.asarray(train_cache["caption_image_index"])
-  image_dim = train_cache["image_pooled"].shape[1]
-  text_dim = train_cache["text_pooled"].shape[1]
-  layout_name = features_layout(tc.features_layout)
-  blocks = load_blocks(config, train_cache["meta"])
-  # Caption token ids on the devices: PEC masks with them, a text last block attends with them.
-  token_ids = bool(tc.pec) or "text" in blocks
-  if layout_name == "sharded":
-    # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
-    features, layout = input_pipeline.load_sharded_features(dirs["train"], mesh,
-                                                            token_ids=token_ids)
-    steps_per_epoch = layout.steps_per_epoch(tc.batch_size)
-  else:
-    features = input_pipeline.load_device_features(dirs["train"], mesh, token_ids=token_ids)
-    layout = None
-    steps_per_epoch = input_pipeline.steps_per_epoch(features.num_images, tc.batch_size)
-  total_steps = tc.num_epochs * steps_per_epoch
-
-  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  tail_init = feature_cache.load_tail_init(feature_cache.tail_init_path(dirs["train"]))
-  module, params = build_tail(config, tail_init, image_dim, text_dim, init_rng, blocks)
-  # The last_block variant's token states, streamed from the host each step.
-  stream = (token_stream.TokenStream(train_cache, tuple(blocks), mesh, where=f"'{dirs['train']}'")
-            if blocks else None)
-  metadata = checkpoint.make_metadata(config, module, train_cache["meta"], image_dim=image_dim,
-                                      text_dim=text_dim, steps_per_epoch=steps_per_epoch,
-                                      total_steps=total_steps)
-  # What fixes the batches besides the seed: a checkpoint resumes only under the same value
-  # (checkpoint.RESUME_KEYS); the sharded order also depends on the device count.
-  metadata["features_layout"] = (f"sharded/{mesh.size}" if layout_name == "sharded"
-                                 else "replicated")
-  if tc.init_from:
-    params = _params_from(tc.init_from, params, metadata)
-  tx = optim.make_optimizer(tc, total_steps)
-  # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
-  state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
-  del params  # donated with the state from the first step on
+  run = setup(config, cache_dirs)
   ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
-  writer = bar = None
+  loop = None
   try:
-    restored = ckpt.restore_latest(state, metadata)
-    state, progress = restored if restored else (state, checkpoint.Progress())
+    restored = ckpt.restore_latest(run.state, run.metadata)
+    state, progress = restored if restored else (run.state, checkpoint.Progress())
+    run.state = None  # donated with the state from the first step on
     start = int(state.step)
-    status = progress.status
-    writer = MetricWriter(workdir, start)
     # Validation runs on this process's devices (each process gets the same numbers).
-    evaluator = validation.Evaluator(module, dirs[tc.val_split], sharding.local_data_mesh(),
-                                     tc.loss.w1, tc.loss.w2)
-    step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh)
-    logging.info("training %s: %d steps (%d epochs x %d), batch %d on %d devices, from step %d",
-                 tc.mode, total_steps, tc.num_epochs, steps_per_epoch, tc.batch_size, mesh.size,
+    evaluator = validation.Evaluator(run.module, run.dirs[tc.val_split],
+                                     sharding.local_data_mesh(), tc.loss.w1, tc.loss.w2)
+    loop = _Loop(tc, run, ckpt, evaluator, progress, metric_writer.MetricWriter(workdir, start),
                  start)
-    bar = tqdm.tqdm(total=total_steps, initial=start, desc=f"train {tc.mode}", unit="step",
-                    dynamic_ncols=True, disable=not tc.progress or jax.process_index() != 0)
-    window = _Window()
-    step = start
-    position = input_pipeline.DataPosition(progress.epoch, progress.step_in_epoch)
-    with _Preemption() as preemption:
-      while step < total_steps and status in ("", "preempted"):
-        status = ""
-        host_order = input_pipeline.epoch_order(config.seed, position.epoch, cap_img,
-                                                tc.batch_size, layout=layout)
-        order = input_pipeline.device_order(host_order, mesh)
-        streamed = None
-        if stream is not None:
-          streamed = stream.steps(layout.global_captions(host_order) if layout is not None
-                                  else host_order, position.step_in_epoch)
-        for k in range(position.step_in_epoch, steps_per_epoch):
-          if streamed is None:
-            state, step_metrics = step_fn(state, features, order, k)
-          else:
-            state, step_metrics = step_fn(state, features, order, k, next(streamed))
-          step += 1
-          window.items.append((step, step_metrics))
-          bar.update(1)
-          position = position.next(steps_per_epoch)
-          progress.epoch, progress.step_in_epoch = position.epoch, position.step_in_epoch
-          if step % tc.log_every == 0:
-            means, rate = window.flush()
-            writer.write("train", step, {**means, "steps_per_second": rate,
-                                         "epoch": step / steps_per_epoch})
-            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr_head']:.2e}")
-          epoch_done = position.step_in_epoch == 0
-          if epoch_done and (step == total_steps or (
-              tc.eval_every_epochs > 0 and position.epoch % tc.eval_every_epochs == 0)):
-            window.check()
-            status = _validate(evaluator, state, step, position.epoch, progress, ckpt,
-                               metadata, writer, tc)
-          if (not status and step < total_steps
-              and (preemption.requested or ckpt.reached_preemption(step))):
-            status = "preempted"
-          done = step == total_steps or status != ""
-          if done or ckpt.should_save(step):
-            window.check()
-            if step == total_steps and not status:
-              status = "completed"
-            progress.status = status if done else ""
-            ckpt.save(state, metadata, progress)
-          if done:
+    status, done = progress.status, start
+    if status in ("", "preempted"):  # else the run had finished: nothing left to do
+      status = ""
+      with _Preemption() as preemption:
+        for step in range(start, run.total_steps):
+          state, metrics = run.step_fn(state, *run.data.batch(step))
+          done = step + 1
+          status = loop.after_step(done, state, metrics, preemption.requested)
+          if status or done == run.total_steps:
             break
-        if streamed is not None:
-          streamed.close()  # stops its read-ahead
-        if status:
-          break
     ckpt.wait_until_finished()
     if status == "preempted":
       logging.warning("preempted: checkpoint saved at step %d; rerun the same command to "
-                      "resume", step)
-    result = _summary(status or "completed", step, total_steps, steps_per_epoch, progress,
-                      workdir, ckpt, dirs)
+                      "resume", done)
+    result = _summary(status or "completed", done, run.total_steps, run.data.steps_per_epoch,
+                      progress, workdir, ckpt, run.dirs)
     if jax.process_index() == 0:
       feature_cache.atomic_write_json(workdir / RESULT_FILE, result)
     return result
   finally:
-    if bar is not None:
-      bar.close()
+    run.data.close()
+    if loop is not None:
+      loop.close()
     ckpt.wait_until_finished()
     ckpt.close()
-    if writer is not None:
-      writer.close()
+
+
+class _Loop:
+  """What happens between steps: logging, validation, checkpoints, preemption.
+
+  Args:
+    tc: the config's train section. run: `setup(...)`. ckpt: the run's checkpointer.
+    evaluator: validation on `train.val_split`. progress: restored or fresh.
+    writer: the metric log. start: the step the run (re)starts at.
+  """
+
+  def __init__(self, tc: ml_collections.ConfigDict, run: Setup, ckpt: checkpoint.Checkpointer,
+               evaluator: validation.Evaluator, progress: checkpoint.Progress,
+               writer: metric_writer.MetricWriter, start: int):
+    self.tc, self.run, self.ckpt, self.evaluator = tc, run, ckpt, evaluator
+    self.progress, self.writer = progress, writer
+    self.window = _Window()
+    logging.info("training %s: %d steps (%d epochs x %d), batch %d on %d devices, from step %d",
+                 tc.mode, run.total_steps, tc.num_epochs, run.data.steps_per_epoch,
+                 tc.batch_size, run.data.mesh.size, start)
+    self.bar = tqdm.tqdm(total=run.total_steps, initial=start, desc=f"train {tc.mode}",
+                         unit="step", dynamic_ncols=True,
+                         disable=not tc.progress or jax.process_index() != 0)
+
+  def after_step(self, done: int, state, metrics: Mapping[str, Any],
+                 preempt_requested: bool) -> str:
+    """Logs, validates and saves after `done` steps; returns the status the run stops with
+    ("early_stopping", "preempted", "completed") or "" to go on."""
+    tc, total, spe = self.tc, self.run.total_steps, self.run.data.steps_per_epoch
+    self.window.items.append((done, metrics))
+    self.bar.update(1)
+    epoch, in_epoch = train_data.position(done, spe)
+    self.progress.epoch, self.progress.step_in_epoch = epoch, in_epoch
+    if done % tc.log_every == 0:
+      means, rate = self.window.flush()
+      self.writer.write("train", done, {**means, "steps_per_second": rate, "epoch": done / spe})
+      self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr_head']:.2e}")
+    status = ""
+    if in_epoch == 0 and (done == total or (
+        tc.eval_every_epochs > 0 and epoch % tc.eval_every_epochs == 0)):
+      self.window.check()
+      status = _validate(self.evaluator, state, done, epoch, self.progress, self.ckpt,
+                         self.run.metadata, self.writer, tc)
+    if (not status and done < total
+        and (preempt_requested or self.ckpt.reached_preemption(done))):
+      status = "preempted"
+    finished = done == total or status != ""
+    if finished or self.ckpt.should_save(done):
+      self.window.check()
+      if done == total and not status:
+        status = "completed"
+      self.progress.status = status if finished else ""
+      self.ckpt.save(state, self.run.metadata, self.progress)
+    return status
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
 
 
 def _params_from(path: str, like: Any, metadata: Mapping[str, Any]) -> Any:
@@ -484,7 +430,7 @@ def _params_from(path: str, like: Any, metadata: Mapping[str, Any]) -> Any:
 
 def _validate(evaluator: validation.Evaluator, state, step: int, epoch: int,
               progress: checkpoint.Progress, ckpt: checkpoint.Checkpointer,
-              metadata: Mapping[str, Any], writer: MetricWriter,
+              metadata: Mapping[str, Any], writer: metric_writer.MetricWriter,
               tc: ml_collections.ConfigDict) -> str:
   """Validates, records, keeps the best params; returns "early_stopping" or ""."""
   t0 = time.time()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jsds_jax import input_pipeline
+from jsds_jax import train_data
 from jsds_jax.data import feature_cache
 
 # Images with 1 to 4 captions each, in no particular order in the caption table.
@@ -94,8 +95,7 @@ def test_load_device_features_from_a_cache(tmp_path):
 
 
 def test_data_position_resumes_at_the_next_batch():
-  pos = input_pipeline.DataPosition.from_global_step(23, steps_in_epoch=10)
-  assert (pos.epoch, pos.step_in_epoch) == (2, 3)
-  assert pos.next(10) == input_pipeline.DataPosition(2, 4)
-  assert input_pipeline.DataPosition(2, 9).next(10) == input_pipeline.DataPosition(3, 0)
-  assert input_pipeline.DataPosition.from_dict(pos.to_dict()) == pos
+  # The position is the step's alone: a resumed run needs nothing else to read the next batch.
+  assert train_data.position(23, steps_per_epoch=10) == (2, 3)
+  assert train_data.position(24, 10) == (2, 4)
+  assert train_data.position(29, 10) == (2, 9) and train_data.position(30, 10) == (3, 0)
