@@ -9,7 +9,8 @@ from jsds_jax import config_base
 
 
 def get_config(arg=None):
-  del arg
+  """Args: arg: none taken (`config_base.parse_arg` refuses any)."""
+  config_base.parse_arg(arg)
   c = config_base.base_config()
   c.backbone.name = "tiny"
   c.backbone.max_text_len = 16

@@ -1,10 +1,48 @@
 """The defaults every experiment config starts from (`configs/*.py` override a few fields).
 
 Every field a binary reads is declared here, so `lock_config=True` turns a typo in
-`--config.x.y=...` into an error rather than a silently ignored setting.
+`--config.x.y=...` into an error rather than a silently ignored setting. A config file's
+argument (`--config=configs/blip_coco.py:runlocal`) is read by `parse_arg`, big_vision's way.
 """
 
 import ml_collections
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """A config file's argument as fields: "runlocal" or "runlocal,epochs=3" (big_vision's form).
+
+  Args:
+    arg: what follows the ':' in `--config=FILE:ARG`; None or "" means every default.
+    **spec: the keys the config takes and their defaults; a value is converted to its default's
+      type, and a bare key sets a bool default to True.
+
+  Raises:
+    ValueError: a key the config does not take, or a value of the wrong type; the message
+      names the keys it takes.
+  """
+  out = ml_collections.ConfigDict(spec)
+  takes = ", ".join(sorted(spec)) or "no argument"
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      raise ValueError(f"unknown config arg {key!r} in {arg!r}: this config takes {takes}")
+    default = spec[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config arg {key}={value!r}: use true or false")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config arg {key}={value!r} is not a {type(default).__name__}"
+                         ) from None
+  return out
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -132,16 +170,15 @@ def paper_config(arg, *, backbone: str, checkpoint: str, max_text_len: int,
   """A paper run: `base_config` with the official training recipe and one table row.
 
   Args:
-    arg: the config file's argument: "" / None (the paper run) or "runlocal" (a smoke test:
-      batch 32, one epoch).
+    arg: the config file's argument (`parse_arg`): "" / None (the paper run) or "runlocal"
+      (a smoke test: batch 32, one epoch).
     backbone, checkpoint, max_text_len: the frozen dual encoder.
     include_restval: whether Karpathy "train" takes restval too (COCO).
     lr: the table's lr column: the official JSDS runs train every tail param and τ in ONE
       AdamW group at this lr with weight decay 0.05, so both of our groups get it.
     **loss: the row's w1, w2, lam1, lam2, eta_text, eta_image.
   """
-  if arg not in (None, "", "runlocal"):
-    raise ValueError(f"unknown config arg {arg!r}: use '' or 'runlocal'")
+  args = parse_arg(arg, runlocal=False)
   c = base_config()
   c.backbone.name = backbone
   c.backbone.checkpoint = checkpoint
@@ -166,7 +203,7 @@ def paper_config(arg, *, backbone: str, checkpoint: str, max_text_len: int,
   c.train.patience = PAPER_PATIENCE
   c.model.use_vocab_bias = False  # the official vocab projector is `nn.Linear(..., bias=False)`
 
-  if arg == "runlocal":
+  if args.runlocal:
     c.train.batch_size = 32
     c.train.num_epochs = 1
     c.train.eval_every_epochs = 1

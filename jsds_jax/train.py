@@ -1,7 +1,7 @@
 """`train`: trains the tail on the feature cache, validates, checkpoints; a thin `main`.
 
   python -m jsds_jax.train --config configs/demo.py --workdir runs/demo
-  jsds-train --config configs/blip_coco.py --workdir runs/blip_coco --config.train.lr=...
+  jsds-train --config configs/blip_coco.py --workdir runs/blip_coco --config.train.head.lr=1e-4
 
 `train_and_evaluate(config, workdir)` finds (or builds, via `encode`) the train and val
 feature caches, starts the `JSDSTail` from `tail_init.safetensors` (the backbone's projections

@@ -119,3 +119,54 @@ def test_runlocal_is_small_and_the_optimizer_builds(name):
   optim.make_optimizer(c.train, total_steps=10)
   with pytest.raises(ValueError, match="runlocal"):
     _load(name, "run_local")
+
+
+_REPO = _CONFIGS.parent
+# Where commands with `--config` are documented: the configs' and binaries' docstrings, the READMEs.
+_DOCS = (sorted(_CONFIGS.glob("*.py")) + sorted((_REPO / "jsds_jax").glob("*.py"))
+         + [_REPO / "README.md", _REPO / "launch" / "README.md"])
+
+
+def _documented_commands():
+  """(file, config path with its arg or None, [--config.x=y overrides]) per documented command:
+  each `--config FILE[:ARG]` with the overrides on its (backslash-continued) line, and each
+  override mentioned elsewhere (checked against configs/demo.py)."""
+  import re  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in _DOCS:
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+      # "=..." stands for any value; a trailing "." or ":" ends the sentence, not the value.
+      overrides = [o.rstrip(".:")
+                   for o in re.findall(r"--config\.[a-z_.]+=[^\s`,;)\"']+", line)
+                   if not o.endswith("=...")]
+      config = re.search(r"--config[ =](configs/[a-z_]+\.py(?::[a-z_=,0-9]+)?)", line)
+      if config or overrides:
+        out.append((path.name, config.group(1) if config else None, overrides))
+  return out
+
+
+def test_documented_overrides_parse_against_the_locked_config():
+  """Every `--config...` command in the docs parses as the binaries parse it (a typo'd or
+  removed field in a docstring fails here)."""
+  commands = _documented_commands()
+  assert len(commands) > 20 and any(c for _, c, _ in commands if c and ":" in c)
+  for where, config, overrides in commands:
+    argv = [f"--config={_REPO / (config or 'configs/demo.py')}"]
+    argv += overrides
+    try:
+      _parse(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      pytest.fail(f"{where}: {config} {overrides}: {e}")
+
+
+def test_every_config_honours_or_refuses_its_arg():
+  for name in ALL:
+    with pytest.raises(ValueError, match="unknown config arg 'bogus'"):
+      _load(name, "bogus")
+  assert _load("blip_coco", "runlocal=true").train.num_epochs == 1
+  assert _load("blip_coco", "runlocal=false").train.num_epochs == 200 * 5
+  args = config_base.parse_arg("runlocal,epochs=3", runlocal=False, epochs=1, name="x")
+  assert (args.runlocal, args.epochs, args.name) == (True, 3, "x")
+  with pytest.raises(ValueError, match="not a int"):
+    config_base.parse_arg("epochs=three", epochs=1)
