@@ -489,14 +489,17 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
 
 
 def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = None,
-           progress: bool = True) -> dict[str, pathlib.Path]:
+           progress: bool = True,
+           backbone: backbones.Backbone | None = None) -> dict[str, pathlib.Path]:
   """Encodes every split of `config.data` (or `splits`); returns {split: cache dir}.
+
+  `backbone` is `config.backbone` loaded, if the caller has it (loaded here otherwise).
 
   With several processes each encodes its share of every chunk (see the module doc); all of
   them must call this with the same config (each its own `encode.cache_root`, or one shared
   root with `encode.shared_cache`).
   """
-  backbone = backbones.load_backbone(config.backbone)
+  backbone = backbone or backbones.load_backbone(config.backbone)
   settings = EncodeSettings.from_config(config)
   tail = tail_init_path(config, backbone)
   if _writes(settings):

@@ -208,7 +208,8 @@ def find_or_build_cache(config: ml_collections.ConfigDict, split: str,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
                         out_dir: str | os.PathLike, split: str = "test", *,
-                        html_report: bool = True, batch_size: int = 1024) -> dict[str, Any]:
+                        html_report: bool = True, batch_size: int = 1024,
+                        backbone: Any = None) -> dict[str, Any]:
   """What `jsds-eval` does: load a checkpoint, find (or build) the split's cache, evaluate.
 
   Args:
@@ -218,6 +219,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     split: the split of `config.data` to evaluate.
     html_report: also write report.html.
     batch_size: rows per device call when applying the tail.
+    backbone: `config.backbone` loaded, if the caller has it (loaded here otherwise).
 
   Raises:
     EvalError: the checkpoint is from another backbone / vocabulary / feature width than the
@@ -227,7 +229,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
   params, meta = checkpoint_lib.load_params(checkpoint)
-  backbone = backbones.load_backbone(config.backbone)
+  backbone = backbone or backbones.load_backbone(config.backbone)
   # Before any encoding: a checkpoint of another backbone would waste the whole encode.
   check_compatible(params, {"backbone": backbone.name, "weights_hash": backbone.weights_hash},
                    meta, vocab_size=backbone.vocab_size)

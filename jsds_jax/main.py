@@ -27,6 +27,7 @@ from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import train
 from jsds_jax.evaluation import report as report_lib
+from jsds_jax.models.trunk import backbones
 
 EVAL_DIR = "eval"
 
@@ -40,16 +41,18 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     `eval.evaluate_checkpoint`'s report, "eval_dir": where report.{json,md,html} went}.
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  dirs = encode.encode(config, progress=config.train.progress)
+  # Loaded once for the three stages (each would load it otherwise).
+  backbone = backbones.load_backbone(config.backbone)
+  dirs = encode.encode(config, progress=config.train.progress, backbone=backbone)
   print("Feature cache:\n" + encode.describe(dirs), flush=True)
-  summary = train.train_and_evaluate(config, workdir, cache_dirs=dirs)
+  summary = train.train_and_evaluate(config, workdir, cache_dirs=dirs, backbone=backbone)
   print(train.describe(summary), flush=True)
   if summary["status"] == "preempted":
     return {"train": summary}
   if split not in dirs:
     raise ValueError(f"split '{split}' is not in data.splits={tuple(config.data.splits)}")
   eval_dir = workdir / EVAL_DIR
-  report = eval_lib.evaluate_checkpoint(config, workdir, eval_dir, split)
+  report = eval_lib.evaluate_checkpoint(config, workdir, eval_dir, split, backbone=backbone)
   print(report_lib.render_markdown(report), flush=True)
   print(f"Best checkpoint: {checkpoint.resolve_step_dir(workdir)}")
   print(f"Report: {eval_dir / 'report.md'} (and report.json, pruning.png)")

@@ -74,8 +74,8 @@ class TrainingDivergedError(RuntimeError):
 # Inputs: feature caches and the tail's starting point.
 
 
-def feature_dirs(config: ml_collections.ConfigDict,
-                 splits: Sequence[str]) -> dict[str, pathlib.Path]:
+def feature_dirs(config: ml_collections.ConfigDict, splits: Sequence[str],
+                 backbone: Any = None) -> dict[str, pathlib.Path]:
   """{split: feature-cache dir}: `train.features`'s subfolders, else `encode`'s (built if
   missing, found without re-encoding if complete)."""
   if config.train.features:
@@ -85,7 +85,8 @@ def feature_dirs(config: ml_collections.ConfigDict,
       if not feature_cache.is_complete(d):
         raise feature_cache.CacheError(f"train.features='{root}' has no finished cache '{d}'")
     return dirs
-  return encode.encode(config, splits=list(splits), progress=config.train.progress)
+  return encode.encode(config, splits=list(splits), progress=config.train.progress,
+                       backbone=backbone)
 
 
 def features_layout(setting: str) -> str:
@@ -152,9 +153,10 @@ def _check_last_block_setting(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-def load_blocks(config: ml_collections.ConfigDict,
-                cache_meta: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """`model.last_block`'s blocks from the frozen backbone ({} when the variant is off).
+def load_blocks(config: ml_collections.ConfigDict, cache_meta: Mapping[str, Any],
+                backbone: Any = None) -> dict[str, tuple[Any, Any]]:
+  """`model.last_block`'s blocks from the frozen backbone ({} when the variant is off);
+  `backbone` is `config.backbone` loaded, if the caller has it.
 
   Raises:
     ValueError: the variant is on without encode.last_block, or the backbone is not the one
@@ -162,7 +164,7 @@ def load_blocks(config: ml_collections.ConfigDict,
   """
   if not _check_last_block_setting(config):
     return {}
-  backbone = backbones.load_backbone(config.backbone)
+  backbone = backbone or backbones.load_backbone(config.backbone)
   feature_cache.check_matches(cache_meta, backbone=backbone.name,
                               weights_hash=backbone.weights_hash)
   return last_block.blocks_for_backbone(backbone, config.model.last_block,
@@ -251,14 +253,15 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict,
-          cache_dirs: Mapping[str, str | os.PathLike] | None = None) -> Setup:
+          cache_dirs: Mapping[str, str | os.PathLike] | None = None,
+          backbone: Any = None) -> Setup:
   """Finds (or builds) the feature caches, puts the train split on the devices, builds the tail,
   its optimizer and the step (see `train_and_evaluate` for the arguments)."""
   tc = config.train
   _check_last_block_setting(config)  # before any encoding
   splits = ("train", tc.val_split)
   dirs = ({s: pathlib.Path(cache_dirs[s]) for s in splits} if cache_dirs
-          else feature_dirs(config, splits))
+          else feature_dirs(config, splits, backbone))
   mesh = (sharding.global_data_mesh() if jax.process_count() > 1
           else sharding.local_data_mesh())
   if tc.batch_size % mesh.size:
@@ -268,7 +271,7 @@ def setup(config: ml_collections.ConfigDict,
   image_dim = train_cache["image_pooled"].shape[1]
   text_dim = train_cache["text_pooled"].shape[1]
   layout = features_layout(tc.features_layout)
-  blocks = load_blocks(config, train_cache["meta"])
+  blocks = load_blocks(config, train_cache["meta"], backbone)
   # Caption token ids on the devices: PEC masks with them, a text last block attends with them.
   data = train_data.TrainData(dirs["train"], train_cache, mesh, seed=config.seed,
                               batch_size=tc.batch_size, layout=layout,
@@ -295,7 +298,7 @@ def setup(config: ml_collections.ConfigDict,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        cache_dirs: Mapping[str, str | os.PathLike] | None = None,
-                       ) -> dict[str, Any]:
+                       backbone: Any = None) -> dict[str, Any]:
   """Trains (or resumes) a run in `workdir`; returns its summary.
 
   Args:
@@ -303,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir: checkpoints, logs and the summary go here; a run already there is resumed.
     cache_dirs: {"train": dir, <train.val_split>: dir} to use instead of `feature_dirs(config)`
       (the main job passes what its encode step returned).
+    backbone: `config.backbone` loaded, if the caller has it (the main job loads it once);
+      loaded when needed otherwise.
 
   Returns:
     {"status": "completed" | "early_stopping" | "preempted", "step", "epoch", "total_steps",
@@ -316,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tc = config.train
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  run = setup(config, cache_dirs)
+  run = setup(config, cache_dirs, backbone)
   ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
   loop = None
   try:

@@ -3,6 +3,7 @@
 import json
 
 from jsds_jax import main as main_lib
+from jsds_jax.models.trunk import backbones
 import testing_utils  # tests/testing_utils.py
 
 
@@ -15,9 +16,13 @@ def _tiny_config(tmp_path):
   return config
 
 
-def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys):
+def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys, monkeypatch):
   workdir = tmp_path / "run"
+  loads = []
+  load = backbones.load_backbone
+  monkeypatch.setattr(backbones, "load_backbone", lambda c: loads.append(c.name) or load(c))
   out = main_lib.run_pipeline(_tiny_config(tmp_path), workdir)
+  assert loads == ["tiny"]  # encode, train and eval share one loaded backbone
   printed = capsys.readouterr().out
   assert "Feature cache:" in printed and "training completed at step 4" in printed
   assert "| retriever | t2i R@1 | t2i R@5 | t2i R@10 |" in printed
