@@ -194,3 +194,18 @@ def test_parity_with_the_official_pytorch_layer(fixed):
   ours = np.asarray(_apply(module)(params, q, c, mask))
   np.testing.assert_allclose(ours[mask], ref[mask], rtol=0, atol=1e-5)
   assert np.abs(ref[mask]).max() > 0.1  # scores of a meaningful size, not all ~0
+
+
+def test_attention_in_blocks_gives_the_same_scores():
+  module = _module()
+  params = _trained_like(cmc.init_cmc(jax.random.key(0), module, D))
+  q, c = _inputs(7, k=10)
+  mask = np.ones((2, 10), bool)
+  mask[0, 7:] = False
+  want = np.asarray(_apply(module)(params, q, c, mask))
+  got = np.asarray(_apply(_module(attention_block=4))(params, q, c, mask))  # 11 = 4 + 4 + 3
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Training mode (dropout) runs in blocks too.
+  out = _module(attention_block=4).apply({"params": params}, q, c, mask, deterministic=False,
+                                         rngs={"dropout": jax.random.key(1)})
+  assert np.all(np.isfinite(np.asarray(out)[mask]))

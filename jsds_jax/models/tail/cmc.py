@@ -44,11 +44,14 @@ class SelfAttention(nn.Module):
     num_heads: H; the width D must be a multiple of it.
     dropout: on the attention weights (training only).
     dtype: computation dtype.
+    attention_block: 0, or score this many queries of the sequence at a time against all keys
+      (same result, O(block·L) memory instead of O(L²): for thousands of candidates).
   """
 
   num_heads: int
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  attention_block: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -60,12 +63,30 @@ class SelfAttention(nn.Module):
     dh = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, name="in_proj")(x).reshape(b, l, 3, self.num_heads, dh)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(np.float32)
-    logits = jnp.where(key_mask[:, None, None, :], logits.astype(jnp.float32), -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+    def attend(qb, rng):
+      """qb (B, Lq, H, dh) -> (B, Lq, H, dh): these queries against every key."""
+      logits = jnp.einsum("bqhd,bkhd->bhqk", qb, k) / np.sqrt(dh).astype(np.float32)
+      logits = jnp.where(key_mask[:, None, None, :], logits.astype(jnp.float32), -jnp.inf)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      if not deterministic and self.dropout > 0:
+        keep = jax.random.bernoulli(rng, 1 - self.dropout, weights.shape)
+        weights = jnp.where(keep, weights / (1 - self.dropout), 0).astype(self.dtype)
+      return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    rng = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
+    block = self.attention_block
+    if not block or l <= block:
+      out = attend(q, rng)
+    else:
+      # Query blocks one after another: the (H, L, L) logits never exist at once, only
+      # (H, block, L); the same numbers, a memory of O(block·L) instead of O(L²).
+      nb = -(-l // block)
+      qp = jnp.pad(q, ((0, 0), (0, nb * block - l), (0, 0), (0, 0)))
+      qp = jnp.moveaxis(qp.reshape(b, nb, block, self.num_heads, dh), 1, 0)
+      rngs = (jax.random.split(rng, nb) if rng is not None else jnp.zeros((nb,), jnp.uint32))
+      out = jax.lax.map(lambda a: attend(a[0], None if rng is None else a[1]), (qp, rngs))
+      out = jnp.moveaxis(out, 0, 1).reshape(b, nb * block, self.num_heads, dh)[:, :l]
+    return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, l, d))
 
 
 class EncoderLayer(nn.Module):
@@ -79,12 +100,14 @@ class EncoderLayer(nn.Module):
   mlp_dim: int = 2048
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  attention_block: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
     """Args: x (B, L, D); key_mask (B, L) bool. Returns: (B, L, D)."""
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
-    a = SelfAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")(
+    a = SelfAttention(self.num_heads, self.dropout, self.dtype, self.attention_block,
+                      name="self_attn")(
         x, key_mask, deterministic)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")(x + drop(a))
     h = nn.relu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="linear1")(x))
@@ -106,12 +129,13 @@ class GatedLayer(nn.Module):
   gate: str = "learned"
   gate_init: float = GATE_INIT
   dtype: Any = jnp.float32
+  attention_block: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
     """Args: x (B, L, D); key_mask (B, L) bool. Returns: (B, L, D)."""
     y = EncoderLayer(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                     name="encoder_layer")(x, key_mask, deterministic)
+                     self.attention_block, name="encoder_layer")(x, key_mask, deterministic)
     if self.gate == "learned":
       g = self.param("gate", nn.initializers.constant(self.gate_init), (), jnp.float32)
     else:
@@ -131,6 +155,8 @@ class CMC(nn.Module):
     gate: "learned" (g from −5, the paper) or "fixed" (g = `gate_init`, the README's 0).
     gate_init: the gate logit's start (learned) or value (fixed).
     dtype: computation dtype; params stay float32.
+    attention_block: 0, or attend this many sequence positions at a time (`SelfAttention`):
+      the same scores with O(block·K) memory, for K in the thousands.
   """
 
   num_layers: int = 2
@@ -140,6 +166,7 @@ class CMC(nn.Module):
   gate: str = "learned"
   gate_init: float = GATE_INIT
   dtype: Any = jnp.float32
+  attention_block: int = 0
 
   @nn.compact
   def __call__(self, q: jax.Array, c: jax.Array, mask: Optional[jax.Array] = None,
@@ -168,7 +195,8 @@ class CMC(nn.Module):
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     for i in range(self.num_layers):
       x = GatedLayer(self.num_heads, self.mlp_dim, self.dropout, self.gate, self.gate_init,
-                     self.dtype, name=f"layers_{i}")(x, key_mask, deterministic)
+                     self.dtype, self.attention_block, name=f"layers_{i}")(
+                         x, key_mask, deterministic)
     x = x.astype(jnp.float32)
     scores = jnp.einsum("bd,bkd->bk", x[:, 0], x[:, 1:])
     return jnp.where(mask, scores, -jnp.inf)
@@ -187,7 +215,8 @@ def cmc_input_dim(params: Mapping[str, Any]) -> int:
 
 
 def module_for(params: Mapping[str, Any], num_heads: int = 4, dropout: float = 0.1,
-               gate: Optional[str] = None, gate_init: float = GATE_INIT) -> CMC:
+               gate: Optional[str] = None, gate_init: float = GATE_INIT,
+               attention_block: int = 0) -> CMC:
   """The `CMC` whose params have the shapes of `params` (layers, FFN width, learned gate)."""
   layers = sorted(k for k in params if k.startswith("layers_"))
   if not layers:
@@ -197,7 +226,7 @@ def module_for(params: Mapping[str, Any], num_heads: int = 4, dropout: float = 0
   if gate is None:
     gate = "learned" if learned else "fixed"
   return CMC(num_layers=len(layers), num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout,
-             gate=gate, gate_init=gate_init)
+             gate=gate, gate_init=gate_init, attention_block=attention_block)
 
 
 def params_from_torch(state: Mapping[str, Any], num_layers: int, prefix: str = "") -> dict:
