@@ -211,3 +211,50 @@ def test_bad_settings_are_named(tail, tmp_path):
   bad.cmc.inputs = "pre_projection"  # 24-d images, 20-d captions
   with pytest.raises(rerank.RerankError, match="one width"):
     train_cmc.train_and_evaluate(bad, tmp_path / "b")
+
+
+def test_eval_rerank_cmc(tail, tmp_path):
+  """`eval --rerank cmc`: the table has every first stage, direction and capped K; the first
+  stage's own line agrees with eval's retrieval metrics; bad K and a missing CMC are named."""
+  from jsds_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  config, tail_dir = tail
+  cmc_dir = tmp_path / "cmc"
+  small = config.copy_and_resolve_references()
+  small.cmc.num_epochs = 1
+  small.cmc.eval_every_epochs = 1
+  train_cmc.train_and_evaluate(small, cmc_dir, compiler_options=_OPTS)
+  tail_params, tail_meta = checkpoint.load_params(tail_dir)
+  split_dir = config.train.features + "/val"
+  run = config.copy_and_resolve_references()
+  run.cmc.checkpoint = str(cmc_dir)
+  run.cmc.rerank_ks = (4, 16, 64)
+  report = eval_lib.evaluate(run, tail_params, split_dir, tmp_path / "eval", tail_meta,
+                             html_report=False, write_index=False, rerank_with="cmc")
+  table = report["rerank"]["table"]
+  assert set(table) == {"sparse", "dense", "integrated"}
+  for kind in table:
+    for d in ("t2i", "i2t"):
+      res = table[kind][d]
+      # 12 images: 16 and 64 collapse to 12 for t2i; 24 captions cap 64 at 24 for i2t.
+      assert list(res["cmc"]) == ([4, 12] if d == "t2i" else [4, 16, 24])
+      for r in (1, 5, 10):
+        assert res["first_stage"][f"R@{r}"] == pytest.approx(report[d][kind][f"R@{r}"])
+      # Reranking the top K never moves a gold across the K boundary: R@r for r >= K is the
+      # first stage's.
+      for k, m in res["cmc"].items():
+        for r in rerank.RECALL_KS:
+          if r >= k:
+            assert m[f"R@{r}"] == pytest.approx(res["first_stage"][f"R@{r}"]), (kind, d, k, r)
+  md = (tmp_path / "eval" / "report.md").read_text()
+  assert "First stage alone vs + CMC" in md and "| integrated + CMC | t2i | 4 |" in md
+  assert (tmp_path / "eval" / "rerank.html").exists()
+  bad = run.copy_and_resolve_references()
+  bad.cmc.rerank_ks = (0, 16)
+  with pytest.raises(rerank.RerankError, match="K = 0"):
+    eval_lib.evaluate(bad, tail_params, split_dir, tmp_path / "e2", tail_meta,
+                      html_report=False, write_index=False, rerank_with="cmc")
+  bad.cmc.rerank_ks = (16,)
+  bad.cmc.checkpoint = ""
+  with pytest.raises(rerank.RerankError, match="cmc.checkpoint"):
+    eval_lib.evaluate(bad, tail_params, split_dir, tmp_path / "e3", tail_meta,
+                      html_report=False, write_index=False, rerank_with="cmc")

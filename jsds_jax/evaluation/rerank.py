@@ -249,3 +249,40 @@ def render_html(table: Mapping[str, Any]) -> str:
   return ("<!doctype html><meta charset='utf-8'><title>CMC rerank</title>"
           "<h2>First stage alone vs + CMC over its top K</h2>"
           f"<table border=1 cellpadding=4><tr>{head}</tr>{''.join(rows)}</table>\n")
+
+
+def cmc_report(cmc_path: str, tail_params: Any, image_emb_dense: np.ndarray,
+               caption_emb_dense: np.ndarray, cache: Mapping[str, Any],
+               score_mats: Mapping[str, np.ndarray], ks: Sequence[int] = RERANK_KS,
+               attention_block: int = 1024) -> dict[str, Any]:
+  """What eval's report gains with `--rerank cmc`: the rerank table of a trained CMC.
+
+  Args:
+    cmc_path: the CMC run's workdir (or step dir).
+    tail_params: the evaluated tail's params (the CMC must have been trained on it).
+    image_emb_dense, caption_emb_dense: the split's dense tail outputs e.
+    cache: the split's feature cache (pre-projection states, caption → image index).
+    score_mats: {"sparse", "dense", "integrated"}: (num_captions, num_images) first stages.
+    ks: candidate depths (each capped by the documents of a direction).
+    attention_block: CMC attends in query blocks of this size (0 = all at once).
+
+  Raises:
+    RerankError: K <= 0, a CMC of another tail, or missing / mismatched embeddings.
+  """
+  from jsds_jax import cmc_candidates  # pylint: disable=g-import-not-at-top
+  from jsds_jax import tail_outputs  # pylint: disable=g-import-not-at-top
+  from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+  if not cmc_path:
+    raise RerankError("--rerank cmc needs the CMC run: set --config.cmc.checkpoint=WORKDIR "
+                      "(python -m jsds_jax.train_cmc ... --workdir WORKDIR)")
+  bad = [k for k in ks if int(k) <= 0]
+  if bad:
+    raise RerankError(f"cmc.rerank_ks holds K = {bad[0]}: each K must be at least 1")
+  module, params, meta = train_cmc.load_cmc(cmc_path, tail_params, attention_block)
+  out = tail_outputs.TailOutputs(e_i=image_emb_dense, z_i=None, e_t=caption_emb_dense,
+                                 z_t=None, tau=1.0)
+  image_emb, caption_emb = cmc_candidates.item_embeddings(out, cache, meta.get("inputs", "dense"))
+  table = rerank_table(score_mats, np.asarray(cache["caption_image_index"]), image_emb,
+                       caption_emb, module, params, ks)
+  return {"checkpoint": str(cmc_path), "first_stage_trained_on": meta.get("first_stage"),
+          "table": table}
