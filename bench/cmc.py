@@ -90,6 +90,19 @@ def _median_ms(fn, inputs) -> float:
   return 1e3 * float(np.median(times))
 
 
+def _gemm_rate(d: int, mlp_dim: int, reps: int = 20) -> float:
+  """GFLOP/s of one numpy float32 matmul of CMC's FFN shape at K = 1000, best of `reps`: how
+  fast this core is right now (other processes share it), to read the CMC rows against."""
+  a = np.random.default_rng(0).normal(size=(1001, d)).astype(np.float32)
+  b = np.random.default_rng(1).normal(size=(d, mlp_dim)).astype(np.float32)
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - t0)
+  return 2 * 1001 * d * mlp_dim / best / 1e9
+
+
 def cmc_flops(k: int, d: int, layers: int, mlp_dim: int) -> tuple[float, float]:
   """(total, attention's K² part) multiply-add FLOPs (×2) of one query with K candidates."""
   l = k + 1
@@ -144,6 +157,9 @@ def main(argv=None):
 
   rng = np.random.default_rng(args.seed)
   n, d = args.docs, args.dim
+  gemm = _gemm_rate(d, args.mlp_dim)
+  print(f"this core's float32 GEMM rate now (numpy, (1001, {d}) @ ({d}, {args.mlp_dim})): "
+        f"{gemm:.1f} GFLOP/s: the ceiling CMC's matmuls can reach on it", flush=True)
   print(f"one thread (core {cpu}), {platform.processor() or platform.machine()}, "
         f"jax {jax.__version__}; first stage over {n} synthetic documents", flush=True)
   docs = synthetic.random_sparse(n, 30522, 100.0, 1.0, seed=args.seed)
@@ -200,7 +216,8 @@ def main(argv=None):
              "memory_mb": mem_mb, "blocked": bool(blocked), "torch_ms": torch_ms}
       rows.append(row)
       print(json.dumps(row), flush=True)
-  print(f"\nCMC: {args.layers} layers, {args.heads} heads, FFN {args.mlp_dim}, D = {d}; "
+  print(f"\nnumpy GEMM on this core: {gemm:.1f} GFLOP/s (best of 20)")
+  print(f"CMC: {args.layers} layers, {args.heads} heads, FFN {args.mlp_dim}, D = {d}; "
         f"first stage over {n} documents; median of {args.queries} queries, one thread\n")
   print("| K | first stage sparse ms | first stage dense ms | CMC ms | CMC / sparse | "
         "µs per candidate | GFLOP | attention share | GFLOP/s | XLA memory MB | "
