@@ -156,6 +156,40 @@ def base_config() -> ml_collections.ConfigDict:
   # "both": that side trains a copy of its tower's last transformer block on cached token
   # states (needs encode.last_block=True; the states stream from the host each step).
   c.model.last_block = ""
+
+  # The CMC reranker (DESIGN.md §4; jsds_jax/models/tail/cmc.py, jsds_jax/train_cmc.py).
+  c.cmc = ml_collections.ConfigDict()
+  c.cmc.init_from = ""            # the trained tail's workdir (or step dir) CMC reranks for
+  c.cmc.checkpoint = ""           # eval / search --rerank cmc: the CMC run's workdir
+  c.cmc.inputs = "dense"          # dense (the tail's e) | pre_projection (cached h, same width)
+  c.cmc.first_stage = "integrated"  # mines the candidates and teaches: sparse|dense|integrated
+  c.cmc.directions = ("t2i", "i2t")  # trained together in one CMC
+  c.cmc.num_candidates = 64       # C per training query: gold + top C/2-1 + C/2 random
+  c.cmc.max_rank = 1024           # the random half comes from first-stage ranks [C/2, this)
+  c.cmc.candidates_root = "~/.cache/jsds_jax/cmc_candidates"
+  c.cmc.num_layers = 2
+  c.cmc.num_heads = 4
+  c.cmc.mlp_dim = 2048
+  c.cmc.dropout = 0.1
+  c.cmc.gate = "learned"          # learned (g from gate_init) | fixed (g = gate_init)
+  c.cmc.gate_init = -5.0          # the paper's learned start; the official README fixes 0
+  c.cmc.alpha = 0.2               # CE weight; 1 - alpha on KL(teacher || CMC)
+  c.cmc.temperature = 1.0
+  c.cmc.multi_positive = "lse"    # several golds (i2t): lse | uniform (losses.info_nce)
+  c.cmc.batch_size = 32           # queries per step, global
+  c.cmc.num_epochs = 20
+  c.cmc.lr = 1e-4
+  c.cmc.weight_decay = 0.01
+  c.cmc.warmup_fraction = 0.1
+  c.cmc.clip_norm = 1.0
+  c.cmc.val_split = "val"
+  c.cmc.val_k = 64                # validation reranks the first stage's top val_k
+  c.cmc.eval_every_epochs = 1
+  c.cmc.patience = 5              # validations without a better reranked R@1 (0 = never stop)
+  c.cmc.checkpoint_every = 200
+  c.cmc.keep_checkpoints = 2
+  c.cmc.rerank_ks = (16, 64, 256, 1024)  # eval --rerank cmc
+  c.cmc.attention_block = 1024    # eval: attend in query blocks from this K on (0 = never)
   return c
 
 

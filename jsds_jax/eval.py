@@ -33,6 +33,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from jsds_jax import atomic
 from jsds_jax import distributed
 from jsds_jax import explain
 from jsds_jax import tail_outputs
@@ -113,7 +114,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
              split_dir: str | os.PathLike, out_dir: str | os.PathLike,
              meta: Mapping[str, Any] | None = None, *, backbone: Any = None,
              checkpoint: str = "", html_report: bool = True, write_index: bool = True,
-             batch_size: int = 1024) -> dict[str, Any]:
+             batch_size: int = 1024, rerank_with: str = "") -> dict[str, Any]:
   """Evaluates a tail on one split's feature cache and writes the report files to `out_dir`.
 
   Args:
@@ -129,6 +130,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     html_report: also write report.html.
     write_index: also write the index and the search files.
     batch_size: rows per device call when applying the tail.
+    rerank_with: "" or "cmc": also rerank every first stage's top K with the CMC at
+      `config.cmc.checkpoint` (report["rerank"], a table in report.md, rerank.html).
 
   Returns:
     The report (what report.json holds).
@@ -170,6 +173,13 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       split={"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
              "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),
              "cache": str(split_dir)})
+  if rerank_with:
+    from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+    if rerank_with != "cmc":
+      raise rerank.RerankError(f"--rerank {rerank_with!r}: the only reranker is 'cmc'")
+    report["rerank"] = rerank.cmc_report(
+        config.cmc.checkpoint, params, out.e_i, out.e_t, cache, scores,
+        tuple(config.cmc.rerank_ks), int(config.cmc.attention_block))
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
     model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size,
@@ -178,6 +188,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   html = (report_lib.render_html(out, scores, cache, explain.vocabulary(backbone), report)
           if html_report else None)
   report_lib.write(out_dir, report, html)
+  if "rerank" in report:
+    from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+    atomic.write_text(out_dir / "rerank.html", rerank.render_html(report["rerank"]["table"]))
   return report
 
 
@@ -209,7 +222,7 @@ def find_or_build_cache(config: ml_collections.ConfigDict, split: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
                         out_dir: str | os.PathLike, split: str = "test", *,
                         html_report: bool = True, batch_size: int = 1024,
-                        backbone: Any = None) -> dict[str, Any]:
+                        backbone: Any = None, rerank_with: str = "") -> dict[str, Any]:
   """What `jsds-eval` does: load a checkpoint, find (or build) the split's cache, evaluate.
 
   Args:
@@ -220,6 +233,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     html_report: also write report.html.
     batch_size: rows per device call when applying the tail.
     backbone: `config.backbone` loaded, if the caller has it (loaded here otherwise).
+    rerank_with: "" or "cmc" (see `evaluate`).
 
   Raises:
     EvalError: the checkpoint is from another backbone / vocabulary / feature width than the
@@ -241,19 +255,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
   split_dir = find_or_build_cache(config, split, backbone)
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint).resolve()
   return evaluate(config, params, split_dir, out_dir, meta, backbone=backbone,
-                  checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size)
+                  checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size,
+                  rerank_with=rerank_with)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   f = flags.FLAGS
   try:
     report = evaluate_checkpoint(f.config, f.checkpoint, f.out, f.split, html_report=f.html,
-                                 batch_size=f.batch_size)
-  except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError) as e:
+                                 batch_size=f.batch_size, rerank_with=f.rerank)
+  except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError,
+          rerank.RerankError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(report_lib.render_markdown(report))
@@ -270,6 +287,8 @@ def run() -> None:
   flags.DEFINE_string("split", "test", "Which split of config.data to evaluate.")
   flags.DEFINE_bool("html", True, "Also write report.html (example queries with thumbnails).")
   flags.DEFINE_integer("batch_size", 1024, "Rows per device call when applying the tail.")
+  flags.DEFINE_string("rerank", "", "cmc: also rerank each first stage's top K with the CMC "
+                      "run at --config.cmc.checkpoint (report: first stage alone vs + CMC).")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
   app.run(main)
 

@@ -294,3 +294,50 @@ def positives_from_ids(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
     (B_i, B_t) bool.
   """
   return jnp.asarray(row_ids)[:, None] == jnp.asarray(col_ids)[None, :]
+
+
+def cmc_loss(scores: jax.Array, positive_mask: jax.Array, teacher_scores: Optional[jax.Array],
+             valid_mask: Optional[jax.Array] = None, alpha: Any = 0.2, temperature: Any = 1.0,
+             multi_positive: str = "lse") -> dict[str, jax.Array]:
+  """CMC's loss over each query's candidates: α·CE(scores, gold) + (1 − α)·KL(teacher ‖ student).
+
+  yc-song/cmc `retriever.py` `distillation_loss`: `KLDivLoss(reduction="batchmean")` of
+  log_softmax(student / T) against softmax(teacher / T), plus `CrossEntropyLoss` to the gold,
+  mixed by α (0.2 and T = 1 in the paper). The official CE has one gold per query; here a query
+  may have several (an image's captions), pooled as `multi_positive` says (`info_nce`).
+
+  Args:
+    scores: (B, K) the student's (CMC's) scores of each query's K candidates.
+    positive_mask: (B, K) bool, True at gold candidates; a query without any gold in its
+      candidates drops out of the CE mean (the KL still teaches it).
+    teacher_scores: (B, K) the teacher's scores of the same candidates (the first stage's,
+      a cross-encoder's); no gradient flows into them. None: CE only (α is then ignored).
+    valid_mask: (B, K) bool, False at padded candidates (they get no probability on either
+      side); None = all valid.
+    alpha: the CE's weight, in [0, 1].
+    temperature: T, dividing both sides' scores before the KL's softmaxes (the KL is not
+      rescaled by T², as in the official code).
+    multi_positive: "lse" or "uniform" (see `info_nce`).
+
+  Returns:
+    {"loss", "ce", "kl"}: () floats; loss = α·ce + (1 − α)·kl.
+  """
+  if multi_positive not in _MULTI_POSITIVE:
+    raise ValueError(f"multi_positive must be one of {_MULTI_POSITIVE}, got {multi_positive!r}")
+  s = _at_least_f32(scores)
+  valid = jnp.ones(s.shape, bool) if valid_mask is None else jnp.asarray(valid_mask, bool)
+  # A large finite value rather than -inf: -inf · 0 in the KL's sum would be NaN.
+  neg = jnp.asarray(-1e9, s.dtype)
+  s = jnp.where(valid, s, neg)
+  pos = jnp.asarray(positive_mask, bool) & valid
+  ce = _directional_nce(s, pos, multi_positive)
+  if teacher_scores is None:
+    return {"loss": ce, "ce": ce, "kl": jnp.zeros((), s.dtype)}
+  t = jax.lax.stop_gradient(_at_least_f32(teacher_scores))
+  t = jnp.where(valid, t, neg)
+  logp_s = jax.nn.log_softmax(s / temperature, axis=-1)
+  logp_t = jax.nn.log_softmax(t / temperature, axis=-1)
+  p_t = jnp.exp(logp_t)
+  # batchmean: summed over candidates, averaged over queries; padded terms are exactly 0.
+  kl = jnp.sum(jnp.where(valid, p_t * (logp_t - logp_s), 0.0)) / s.shape[0]
+  return {"loss": alpha * ce + (1 - alpha) * kl, "ce": ce, "kl": kl}

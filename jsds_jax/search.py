@@ -10,6 +10,9 @@ the first `--candidates` of them with the integrated score w1·e_q·e_i/τ + w2�
 image dense embeddings stored beside the index. Each hit lists the vocabulary terms query and
 image share, with their contributions to the sparse score.
 
+`--rerank cmc --cmc WORKDIR` reorders the index's first `--candidates` images with a CMC trained
+on this tail (`jsds_jax.train_cmc`), from the same stored image dense embeddings.
+
 `--index` is the eval output folder or its `index/` subfolder; the index must have been built
 from the same backbone weights and vocabulary as the tail that encodes the query
 (`index.check_model`), and from `--checkpoint` when one is given to override the stored tail.
@@ -75,7 +78,7 @@ class Searcher:
   """
 
   def __init__(self, path: str | os.PathLike, *, backbone: Any = None, params: Any = None,
-               checkpoint: str | None = None):
+               checkpoint: str | None = None, cmc: str | None = None):
     from jsds_jax import index as index_lib  # pylint: disable=g-import-not-at-top
     self.root = resolve_dir(path)
     self.meta = bundle.read_meta(self.root)
@@ -122,6 +125,14 @@ class Searcher:
       return module.apply({"params": p}, states, cached_ids, method=module.encode_text)
 
     self._encode = jax.jit(encode)
+    self.cmc = None
+    if cmc:
+      from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+      from jsds_jax.evaluation import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+      self.cmc = train_cmc.load_cmc(cmc, self.params)
+      if self.cmc[2].get("inputs", "dense") != "dense":
+        raise rerank_lib.RerankError(f"the CMC at '{cmc}' reads pre-projection states; search "
+                                     "stores only the images' dense embeddings")
 
   @property
   def image_sparse(self):
@@ -158,10 +169,12 @@ class Searcher:
     Returns:
       Up to k hits, best first (fewer when fewer images share a term with the query).
     """
-    if rerank not in (None, "none", "dense"):
-      raise ValueError(f"rerank must be None or 'dense', got {rerank!r}")
+    if rerank not in (None, "none", "dense", "cmc"):
+      raise ValueError(f"rerank must be None, 'dense' or 'cmc', got {rerank!r}")
+    if rerank == "cmc" and self.cmc is None:
+      raise ValueError("rerank='cmc' needs a Searcher made with cmc=<the CMC run's workdir>")
     e_q, z_q = self.encode_query(text)
-    depth = max(k, candidates) if rerank == "dense" else k
+    depth = max(k, candidates) if rerank in ("dense", "cmc") else k
     found = self.index.search(z_q, depth)
     keep = found.ids >= 0
     rows, sparse = found.ids[keep], found.scores[keep].astype(np.float64)
@@ -175,6 +188,14 @@ class Searcher:
                                                 float(self.meta["w2"])))
       order = np.lexsort((rows, -score))
       rows, sparse, dense, score = rows[order], sparse[order], dense[order], score[order]
+    if rerank == "cmc" and len(rows):
+      from jsds_jax.evaluation import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+      module, params, _ = self.cmc
+      score = rerank_lib.cmc_scores(module, params, e_q[None],
+                                    np.asarray(self.image_dense[rows], np.float32),
+                                    np.arange(len(rows))[None])[0].astype(np.float64)
+      order = np.lexsort((rows, -score))
+      rows, sparse, score = rows[order], sparse[order], score[order]
     hits = []
     for j, row in enumerate(rows[:k]):
       row = int(row)
@@ -209,7 +230,9 @@ def main(argv: Sequence[str]) -> None:
   if not text.strip():
     raise app.UsageError("empty query: jsds-search --index DIR \"a dog on a skateboard\"")
   try:
-    searcher = Searcher(f.index, checkpoint=f.checkpoint)
+    searcher = Searcher(f.index, checkpoint=f.checkpoint, cmc=f.cmc)
+    if f.rerank == "cmc" and not f.cmc:
+      raise ValueError("--rerank cmc needs --cmc WORKDIR (a train_cmc run on this tail)")
   except (FileNotFoundError, ValueError) as e:  # no index there; one of another model
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -223,8 +246,10 @@ def run() -> None:
   """Console-script entry point `jsds-search`."""
   flags.DEFINE_string("index", None, "An eval output folder (or its index/ subfolder).")
   flags.DEFINE_integer("k", 10, "How many images to show.")
-  flags.DEFINE_enum("rerank", "none", ["none", "dense"],
-                    "dense: rescore the first --candidates with the integrated score.")
+  flags.DEFINE_enum("rerank", "none", ["none", "dense", "cmc"],
+                    "dense: rescore the first --candidates with the integrated score; cmc: "
+                    "reorder them with the CMC run at --cmc.")
+  flags.DEFINE_string("cmc", None, "A train_cmc workdir, for --rerank cmc.")
   flags.DEFINE_integer("candidates", 100, "First-stage depth when reranking.")
   flags.DEFINE_string("checkpoint", None, "Encode queries with this checkpoint's tail instead "
                       "of the one stored beside the index (the index must come from it).")

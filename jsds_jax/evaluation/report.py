@@ -94,6 +94,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                  f"{_fmt(row['sparse_R@1'])} | {_fmt(row['integrated_R@1'])} |")
   lines += [""] + [f"Note: {n}" for n in report.get("notes", [])]
   lines.append(f"\nw1 = {report['w1']}, w2 = {report['w2']}, τ = {report['tau']:.4g}.")
+  if "rerank" in report:
+    from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+    lines += ["", rerank.render_markdown(report["rerank"]["table"])]
   return "\n".join(lines) + "\n"
 
 

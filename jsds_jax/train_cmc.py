@@ -1,0 +1,397 @@
+"""`train_cmc`: trains the CMC reranker on top of a trained tail (DESIGN.md §4).
+
+  python -m jsds_jax.train_cmc --config configs/demo.py --workdir runs/demo_cmc \
+      --config.cmc.init_from=runs/demo
+
+The tail (`cmc.init_from`) stays frozen: it gives every training item its embedding (the dense
+e by default) and the first stage's scores, from which `cmc_candidates` mines C candidates per
+query (cached). CMC learns α·CE(gold) + (1 − α)·KL(first stage ‖ CMC) over them
+(`losses.cmc_loss`), both directions in one model, with the tail's machinery: a step mapped
+over the 'data' mesh axis with `jax.shard_map` (the batch split over devices, gradients
+averaged with `pmean`), optax AdamW with linear warm-up and decay and a global-norm clip, Orbax
+checkpoints with resume (`checkpoint.Checkpointer`), validation every `cmc.eval_every_epochs`
+on `cmc.val_split` (the first stage's top `cmc.val_k` reranked; score = mean R@1 over the
+directions) with early stopping after `cmc.patience` validations without a better score.
+
+The workdir holds checkpoints/ and best/ as a tail run's do (their metadata has mode "cmc" and
+the tail's fingerprint, so a CMC is never applied to another tail), metrics.jsonl and
+result.json.
+"""
+
+from collections.abc import Mapping, Sequence
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+import jsds_jax
+from jsds_jax import checkpoint
+from jsds_jax import cmc_candidates
+from jsds_jax import losses
+from jsds_jax import metric_writer
+from jsds_jax import optim
+from jsds_jax import sharding
+from jsds_jax import tail_outputs
+from jsds_jax import train as train_lib
+from jsds_jax import train_step
+from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import rerank
+from jsds_jax.models.tail import cmc as cmc_lib
+
+AXIS = "data"
+MODE = "cmc"
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+# Metadata a resumed CMC run must share with its checkpoint.
+CMC_RESUME_KEYS = ("mode", "tail_hash", "input_dim", "inputs", "first_stage", "num_layers",
+                   "mlp_dim", "gate", "batch_size", "seed", "steps_per_epoch", "directions",
+                   "num_candidates")
+
+
+@flax.struct.dataclass
+class Examples:
+  """Every training example on the devices (replicated; small: C indices per query).
+
+  Attributes:
+    table: (N_i + N_c, D) float32 embeddings: images first, then captions.
+    query: (M,) int32 rows of `table`.
+    candidates: (M, C) int32 rows of `table`.
+    positive: (M, C) bool. valid: (M, C) bool (False pads a direction with fewer documents).
+    teacher: (M, C) float32 first-stage scores.
+  """
+
+  table: jax.Array
+  query: jax.Array
+  candidates: jax.Array
+  positive: jax.Array
+  valid: jax.Array
+  teacher: jax.Array
+
+
+def build_examples(mined: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Host arrays of `Examples` from `cmc_candidates.mine`'s result, directions concatenated."""
+  img, cap = mined["image_emb"], mined["caption_emb"]
+  n_i = img.shape[0]
+  offsets = {"t2i": (n_i, 0), "i2t": (0, n_i)}  # (query offset, document offset)
+  width = max(c.candidates.shape[1] for c in mined["candidates"].values())
+  parts = []
+  for d, c in mined["candidates"].items():
+    q_off, d_off = offsets[d]
+    pad = ((0, 0), (0, width - c.candidates.shape[1]))
+    parts.append(dict(query=c.query_ids + q_off,
+                      candidates=np.pad(c.candidates + d_off, pad),
+                      positive=np.pad(c.positive, pad),
+                      valid=np.pad(np.ones_like(c.positive), pad),
+                      teacher=np.pad(c.teacher, pad)))
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  out["table"] = np.concatenate([img, cap]).astype(np.float32)
+  return out
+
+
+def module_from_config(cc: ml_collections.ConfigDict, attention_block: int = 0) -> cmc_lib.CMC:
+  return cmc_lib.CMC(num_layers=cc.num_layers, num_heads=cc.num_heads, mlp_dim=cc.mlp_dim,
+                     dropout=cc.dropout, gate=cc.gate, gate_init=cc.gate_init,
+                     attention_block=attention_block)
+
+
+def make_optimizer(cc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  sched = optim.warmup_linear_decay(cc.lr, total_steps, cc.warmup_fraction)
+  return optax.chain(optax.clip_by_global_norm(cc.clip_norm),
+                     optax.adamw(sched, weight_decay=cc.weight_decay))
+
+
+def make_train_step(module: cmc_lib.CMC, tx: optax.GradientTransformation,
+                    cc: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    compiler_options: dict[str, Any] | None = None):
+  """step(state, examples, order, step_in_epoch) -> (state, metrics), jitted and sharded.
+
+  `order` is the epoch's (steps, B) example indices with the batch axis over 'data': each
+  device scores its share of the batch; the loss is the mean over devices (each device's
+  loss is a mean over its equal share), so `pmean` of the per-device gradients is the
+  gradient of the global loss.
+  """
+  single = mesh.shape[AXIS] == 1
+  mean = (lambda x: x) if single else (lambda x: jax.lax.pmean(x, AXIS))
+  to_varying = (lambda x: x) if single else (lambda x: jax.lax.pcast(x, AXIS, to="varying"))
+
+  def per_device(state, ex: Examples, order, step_in_epoch):
+    idx = jax.lax.dynamic_index_in_dim(order, step_in_epoch, 0, keepdims=False)
+    q = ex.table[ex.query[idx]]
+    c = ex.table[ex.candidates[idx]]
+    valid, pos, teacher = ex.valid[idx], ex.positive[idx], ex.teacher[idx]
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                             jax.lax.axis_index(AXIS) if not single else 0)
+
+    def loss_fn(params):
+      s = module.apply({"params": params}, q, c, valid, deterministic=False,
+                       rngs={"dropout": rng})
+      out = losses.cmc_loss(s, pos, teacher, valid, cc.alpha, cc.temperature, cc.multi_positive)
+      return out["loss"], out
+
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(to_varying(state.params))
+    grads, parts = mean(grads), mean(parts)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    gates = [jax.nn.sigmoid(params[n]["gate"]) for n in sorted(params) if "gate" in params[n]]
+    metrics = dict(parts, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    if gates:
+      metrics["gate_mean"] = jnp.mean(jnp.stack(gates))
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def sharded(state, ex, order, step_in_epoch):
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P()),
+                         out_specs=(P(), P()), check_vma=not single)(state, ex, order,
+                                                                     step_in_epoch)
+
+  return jax.jit(sharded, donate_argnums=(0,), compiler_options=compiler_options)
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """(steps, B) example indices of one epoch: a pure function of (seed, epoch); the last
+  partial batch is dropped."""
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  steps = num_examples // batch_size
+  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def load_tail(path: str) -> tuple[dict, dict]:
+  """The frozen tail CMC reranks for: `cmc.init_from`'s params and metadata."""
+  if not path:
+    raise checkpoint.CheckpointError("cmc.init_from is empty: set it to the workdir of a "
+                                     "trained tail (python -m jsds_jax.train ...)")
+  params, meta = checkpoint.load_params(path)
+  if meta.get("mode") == MODE:
+    raise checkpoint.CheckpointError(f"cmc.init_from='{path}' is a CMC run; it must be the "
+                                     "trained tail's workdir")
+  return params, meta
+
+
+class Validator:
+  """Reranked R@1 on the validation split: the first stage's top `val_k`, both directions."""
+
+  def __init__(self, tail_params, split_dir, cc: ml_collections.ConfigDict, w1: float,
+               w2: float, backbone=None):
+    cache = feature_cache.load_split(split_dir)
+    out = tail_outputs.apply_tail(tail_params, cache, backbone=backbone)
+    self.image_emb, self.caption_emb = cmc_candidates.item_embeddings(out, cache, cc.inputs)
+    scores = cmc_candidates.first_stage_scores(out, cc.first_stage, w1, w2)
+    self.views = {d: rerank.direction_view(scores, cache["caption_image_index"], d)
+                  for d in cc.directions}
+    self.k = int(cc.val_k)
+    self.module = module_from_config(cc)
+
+  def __call__(self, params) -> dict[str, float]:
+    out = {}
+    for d, view in self.views.items():
+      q, docs = rerank.embeddings_for(d, self.image_emb, self.caption_emb)
+      res = rerank.rerank_direction(view, self.module, params, q, docs, [self.k])
+      (k, m), = res["cmc"].items()
+      out.update({f"{d}/first_R@1": res["first_stage"]["R@1"], f"{d}/cmc_R@1": m["R@1"],
+                  f"{d}/cmc_R@16": m["R@16"]})
+    out["score"] = float(np.mean([out[f"{d}/cmc_R@1"] for d in self.views]))
+    return out
+
+
+def make_metadata(config, tail_meta, tail_hash: str, input_dim: int, steps_per_epoch: int,
+                  total_steps: int) -> dict[str, Any]:
+  cc = config.cmc
+  return {"mode": MODE, "tail_hash": tail_hash, "tail_checkpoint": str(cc.init_from),
+          "backbone": tail_meta.get("backbone"), "weights_hash": tail_meta.get("weights_hash"),
+          "dataset": tail_meta.get("dataset"), "input_dim": int(input_dim),
+          "inputs": cc.inputs, "first_stage": cc.first_stage, "num_layers": cc.num_layers,
+          "num_heads": cc.num_heads, "mlp_dim": cc.mlp_dim, "gate": cc.gate,
+          "gate_init": cc.gate_init, "directions": list(cc.directions),
+          "num_candidates": cc.num_candidates, "batch_size": cc.batch_size,
+          "seed": int(config.seed), "steps_per_epoch": int(steps_per_epoch),
+          "total_steps": int(total_steps), "w1": float(config.train.loss.w1),
+          "w2": float(config.train.loss.w2),
+          "config": json.loads(config.to_json_best_effort()),
+          "jsds_jax_version": jsds_jax.__version__}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       cache_dirs: Mapping[str, Any] | None = None,
+                       compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) a CMC run in `workdir`; returns its summary (as train.py's)."""
+  cc = config.cmc
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  tail_params, tail_meta = load_tail(cc.init_from)
+  splits = ("train", cc.val_split)
+  dirs = ({s: pathlib.Path(cache_dirs[s]) for s in splits} if cache_dirs
+          else train_lib.feature_dirs(config, splits))
+  w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
+  mesh = sharding.local_data_mesh()
+  if cc.batch_size % mesh.size:
+    raise ValueError(f"cmc.batch_size={cc.batch_size} is not a multiple of the {mesh.size} "
+                     "devices")
+  mined = cmc_candidates.mine(tail_params, dirs["train"], first_stage=cc.first_stage,
+                              directions=cc.directions, num_candidates=cc.num_candidates,
+                              max_rank=cc.max_rank, seed=config.seed, w1=w1, w2=w2,
+                              inputs=cc.inputs, root=cc.candidates_root)
+  host = build_examples(mined)
+  num_examples = len(host["query"])
+  steps_per_epoch = num_examples // cc.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"cmc.batch_size={cc.batch_size} exceeds the {num_examples} training "
+                     "queries")
+  total_steps = steps_per_epoch * cc.num_epochs
+  input_dim = host["table"].shape[1]
+  examples = jax.device_put(Examples(**{k: jnp.asarray(v) for k, v in host.items()}),
+                            jax.sharding.NamedSharding(mesh, P()))
+  module = module_from_config(cc)
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+  params = cmc_lib.init_cmc(init_rng, module, input_dim)
+  tx = make_optimizer(cc, total_steps)
+  state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
+  metadata = make_metadata(config, tail_meta, mined["tail_hash"], input_dim, steps_per_epoch,
+                           total_steps)
+  ckpt = checkpoint.Checkpointer(workdir, cc.checkpoint_every, cc.keep_checkpoints)
+  writer = None
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      saved = checkpoint.load_params(ckpt.step_dir(latest))[1]
+      checkpoint.check_compatible(saved, metadata, CMC_RESUME_KEYS,
+                                  where=f"checkpoint '{ckpt.step_dir(latest)}'")
+    restored = ckpt.restore_latest(state, metadata)
+    state, progress = restored if restored else (state, checkpoint.Progress())
+    step = start = int(state.step)
+    status = progress.status
+    writer = metric_writer.MetricWriter(workdir, start)
+    validator = Validator(tail_params, dirs[cc.val_split], cc, w1, w2)
+    step_fn = make_train_step(module, tx, cc, mesh, compiler_options)
+    logging.info("training CMC: %d steps (%d epochs x %d), %d queries, C = %d, from step %d",
+                 total_steps, cc.num_epochs, steps_per_epoch, num_examples,
+                 host["candidates"].shape[1], start)
+    t0, window = time.time(), []
+    while step < total_steps and status in ("", "preempted"):
+      status = ""
+      epoch, k0 = progress.epoch, progress.step_in_epoch
+      order = jax.device_put(epoch_order(config.seed, epoch, num_examples, cc.batch_size),
+                             jax.sharding.NamedSharding(mesh, P(None, AXIS)))
+      for k in range(k0, steps_per_epoch):
+        state, m = step_fn(state, examples, order, k)
+        step += 1
+        window.append(m)
+        progress.epoch, progress.step_in_epoch = ((epoch + 1, 0) if k + 1 == steps_per_epoch
+                                                  else (epoch, k + 1))
+        epoch_done = progress.step_in_epoch == 0
+        if epoch_done:
+          means = {n: float(np.mean([float(w[n]) for w in window])) for n in window[0]}
+          if not all(np.isfinite(v) for v in means.values()):
+            raise train_lib.TrainingDivergedError(f"non-finite CMC metrics at step {step}: "
+                                                  f"{means}")
+          writer.write("train", step, {**means, "epoch": progress.epoch,
+                                       "steps_per_second": len(window) / (time.time() - t0)})
+          t0, window = time.time(), []
+        if epoch_done and (step == total_steps or progress.epoch % cc.eval_every_epochs == 0):
+          status = _validate(validator, state, step, progress, ckpt, metadata, writer, cc)
+        done = step == total_steps or status != ""
+        if done or ckpt.should_save(step):
+          if step == total_steps and not status:
+            status = "completed"
+          progress.status = status if done else ""
+          ckpt.save(state, metadata, progress)
+        if done:
+          break
+    ckpt.wait_until_finished()
+    best_step, best_progress = ckpt.best_progress()
+    result = {"status": status or "completed", "step": step, "total_steps": total_steps,
+              "best_score": progress.best_score, "best_step": progress.best_step,
+              "final_val": dict(progress.last_val),
+              "best_val": best_progress.last_val if best_progress else {},
+              "workdir": str(workdir),
+              "best_dir": str(ckpt.step_dir(best_step, best=True)) if best_progress else "",
+              "candidates_dir": str(mined["dir"]), "num_queries": num_examples}
+    feature_cache.atomic_write_json(workdir / RESULT_FILE, result)
+    return result
+  finally:
+    ckpt.wait_until_finished()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def _validate(validator, state, step, progress, ckpt, metadata, writer, cc) -> str:
+  val = validator(jax.device_get(state.params))
+  score = val["score"]
+  improved = score > progress.best_score
+  if improved:
+    progress.best_score, progress.best_step, progress.evals_since_best = score, step, 0
+  else:
+    progress.evals_since_best += 1
+  progress.last_val = {**val, "step": step, "epoch": progress.epoch}
+  writer.write("val", step, {**val, "best_score": progress.best_score})
+  logging.info("step %d: val reranked R@1 %.2f (best %.2f at step %d)", step, score,
+               progress.best_score, progress.best_step)
+  if improved:
+    ckpt.save_best(step, state.params, metadata, progress, score)
+  if cc.patience > 0 and progress.evals_since_best >= cc.patience:
+    return "early_stopping"
+  return ""
+
+
+def load_cmc(path: str, tail_params: Mapping[str, Any] | None = None,
+             attention_block: int = 0) -> tuple[cmc_lib.CMC, dict, dict]:
+  """A trained CMC (module, params, metadata), checked against the tail it will rerank for.
+
+  Raises:
+    CheckpointError: nothing readable at `path`.
+    RerankError: not a CMC checkpoint, or one trained on another tail (the message names both
+      fingerprints and the tail it was trained on).
+  """
+  params, meta = checkpoint.load_params(path)
+  if meta.get("mode") != MODE:
+    raise rerank.RerankError(f"'{path}' is not a CMC checkpoint (its mode is "
+                             f"{meta.get('mode')!r}): pass the workdir of train_cmc")
+  if tail_params is not None:
+    have = cmc_candidates.tail_hash(tail_params)
+    if have != meta.get("tail_hash"):
+      raise rerank.RerankError(
+          f"the CMC at '{path}' was trained on the tail '{meta.get('tail_checkpoint')}' "
+          f"(fingerprint {meta.get('tail_hash')}), not on this one (fingerprint {have}): "
+          "rerank with the tail it was trained on, or train a CMC for this tail")
+  module = cmc_lib.module_for(params, num_heads=int(meta.get("num_heads", 4)),
+                              gate=meta.get("gate"), gate_init=float(meta.get("gate_init", -5.0)),
+                              attention_block=attention_block)
+  return module, params, meta
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train_lib.quiet_library_logs()
+  try:
+    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (checkpoint.CheckpointError, rerank.RerankError, feature_cache.CacheError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"CMC training {result['status']} at step {result['step']} of {result['total_steps']}; "
+        f"best val reranked R@1 {result['best_score']:.2f} at step {result['best_step']}: "
+        f"{result['best_dir']}")
+
+
+def run() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "CMC checkpoints and logs; a run there is resumed.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
