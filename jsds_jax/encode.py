@@ -49,6 +49,7 @@ from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
 from jsds_jax.models import backbones
 from jsds_jax.models import last_block
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import sharding
 
@@ -547,7 +548,12 @@ def run() -> None:
   # Flags are defined here, not at import, so the binaries' modules can import each other.
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-encode", "runs the frozen backbone once over every split of a config's dataset and "
+      "writes the feature cache (a killed run resumes).",
+      "--config FILE [--config.SECTION.FIELD=VALUE ...]", ["config"],
+      ["jsds-encode --config configs/demo.py",
+       "jsds-encode --config configs/demo.py --config.encode.dtype=bfloat16"]))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import explain
 from jsds_jax import metrics
@@ -603,7 +604,14 @@ def run() -> None:
   flags.DEFINE_bool("html", True, "Also write report.html (example queries with thumbnails).")
   flags.DEFINE_integer("batch_size", 1024, "Rows per device call when applying the tail.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-eval", "scores a trained checkpoint on one split (dense, sparse and integrated "
+      "retrieval both ways, sparsity, pruning curve) and writes the report, the HTML page and "
+      "the search index.", "--config FILE --checkpoint PATH --out DIR [flags]",
+      ["config", "checkpoint", "out", "split", "html", "batch_size"],
+      ["jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval",
+       "jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval-val "
+       "--split val"]))
 
 
 if __name__ == "__main__":

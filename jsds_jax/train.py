@@ -46,6 +46,7 @@ import numpy as np
 import tqdm
 
 from jsds_jax import checkpoint
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import input_pipeline
@@ -713,7 +714,12 @@ def run() -> None:
   flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard files go here; an "
                       "existing run there is resumed.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-train", "trains the sparse-dense tail on a config's feature cache (encoding it "
+      "first if missing), validating as it goes; an existing run in --workdir is resumed.",
+      "--config FILE --workdir DIR [--config.SECTION.FIELD=VALUE ...]", ["config", "workdir"],
+      ["jsds-train --config configs/demo.py --workdir runs/demo",
+       "jsds-train --config configs/demo.py --workdir runs/demo-d2s --config.train.mode=d2s"]))
 
 
 if __name__ == "__main__":
