@@ -230,8 +230,8 @@ def _hint_for(error: BaseException, command: Command) -> str:
   if isinstance(error, UserError) and error.hint:
     return error.hint
   text = str(error)
-  if isinstance(error, BadItemError) and "skip_bad" not in text:
-    return _SKIP_BAD_HINT
+  if isinstance(error, BadItemError):
+    return "" if "skip_bad" in text else _SKIP_BAD_HINT
   if isinstance(error, app.UsageError):
     return f"see `{command.name} --help`"
   return "add --verbose to see the traceback"

@@ -499,6 +499,10 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
   """
   backbone = backbones.load_backbone(config.backbone)
   settings = EncodeSettings.from_config(config)
+  # Every split to encode is read (and its data checked) before anything is written, so bad
+  # data stops the run with all its problems and no files.
+  loaded = {name: registry.load_split(config.data, name) for name in splits or config.data.splits
+            if not feature_cache.is_complete(cache_dir_for(config, backbone, name))}
   tail = tail_init_path(config, backbone)
   if _writes(settings):
     tail.parent.mkdir(parents=True, exist_ok=True)
@@ -515,7 +519,7 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
       if jax.process_count() > 1 and settings.shared_cache:
         multihost_utils.sync_global_devices(f"jsds encode {split_name} token ids")
     else:
-      split = registry.load_split(config.data, split_name)
+      split = loaded.get(split_name) or registry.load_split(config.data, split_name)
       encode_split(split, backbone, out_dir, settings, progress=progress)
     out[split_name] = out_dir
   return out

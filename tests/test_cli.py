@@ -141,3 +141,37 @@ def test_plain_run_shows_no_tpu_or_pytorch_notice(runner, quiet):
   assert result.stdout.strip() == "cpu"
   shown = [n for n in _NOTICES if n in result.stderr]
   assert shown == ([] if quiet else list(_NOTICES)), result.stderr
+
+
+def _karpathy_with_bad_items(tmp_path):
+  """A Karpathy dataset whose test split has a corrupt image (images[2]) and an empty caption
+  (images[3])."""
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "images"
+  root.mkdir()
+  records = []
+  for r, split in enumerate(["train"] * 4 + ["val", "test"]):
+    Image.fromarray(np.full((8, 8, 3), 30 * r, np.uint8)).save(root / f"img{r}.png")
+    records.append({"filename": f"img{r}.png", "split": split,
+                    "imgid": r, "sentences": [{"raw": f"picture number {r}"}]})
+  (root / "img2.png").write_bytes(b"\x89PNG broken")
+  records[3]["sentences"][0]["raw"] = "  "
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps({"images": records}))
+  return path, root
+
+
+def test_bad_data_is_one_line_listing_every_bad_item_and_nothing_is_written(tmp_path):
+  path, root = _karpathy_with_bad_items(tmp_path)
+  cache = tmp_path / "features"
+  result = _run("jsds_jax.encode", "--config", "configs/tiny.py", "--config.data.name=karpathy",
+                f"--config.data.json={path}", f"--config.data.image_root={root}",
+                f"--config.encode.cache_root={cache}")
+  line = _one_error_line(result)
+  assert "data.json: 2 bad items in split 'train'" in line, line
+  assert "images[2] (" in line and "img2.png) is not a readable image" in line, line
+  assert "images[3] (img3.png) sentences[0].raw is an empty" in line, line
+  assert "--config.data.skip_bad=True" in line
+  assert not cache.exists()
