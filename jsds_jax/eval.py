@@ -471,7 +471,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
   scores = score_matrices(out, w1, w2)
   per_kind = {kind: metrics.retrieval_metrics(scores[kind], cap_index) for kind in KINDS}
-  notes = []
+  notes = [n for n in [metrics.small_split_note(int(out.e_i.shape[0]))] if n]
+  for note in notes:
+    logging.warning("%s", note)
   trained_w = (_meta_get(meta, "w1"), _meta_get(meta, "w2"))
   if None not in trained_w and tuple(map(float, trained_w)) != (w1, w2):
     notes.append(f"integrated scores use this config's w1={w1}, w2={w2}; the checkpoint was "
