@@ -48,6 +48,7 @@ import tqdm
 from jsds_jax import checkpoint
 from jsds_jax import cli
 from jsds_jax import distributed
+from jsds_jax import event_files
 from jsds_jax import encode
 from jsds_jax import input_pipeline
 from jsds_jax import metrics as metrics_lib
@@ -328,7 +329,9 @@ class MetricWriter:
     if not self.enabled:
       return
     _truncate_jsonl(self.path, start_step)
-    self._tb = _tensorboardx().SummaryWriter(str(workdir / TENSORBOARD_DIR),
+    tensorboardx = _tensorboardx()
+    event_files.purge_after(workdir / TENSORBOARD_DIR, start_step)
+    self._tb = tensorboardx.SummaryWriter(str(workdir / TENSORBOARD_DIR),
                                           purge_step=start_step if start_step else None)
 
   def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:
@@ -522,7 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
   del params  # donated with the state from the first step on
-  ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints,
+                                 every_seconds=tc.get("checkpoint_every_seconds", 0))
   writer = bar = None
   try:
     restored = ckpt.restore_latest(state, metadata)
