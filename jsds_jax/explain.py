@@ -25,6 +25,26 @@ import scipy.sparse as sp
 THUMB_SIZE = 128
 
 
+def _as_backbone(backbone: Any) -> Any:
+  """A loaded backbone from a name, a backbone config section, or a loaded backbone."""
+  if hasattr(backbone, "vocab_size") and hasattr(backbone, "tokenizer"):
+    return backbone
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jsds_jax import config_base  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  if isinstance(backbone, str):
+    config = config_base.base_config().backbone
+    config.name = backbone
+    return backbones.load_backbone(config)
+  if isinstance(backbone, (dict, ml_collections.ConfigDict)):
+    config = config_base.base_config().backbone
+    config.update(dict(backbone))
+    return backbones.load_backbone(config)
+  raise TypeError("vocabulary() takes a backbone name such as 'lit', a config's backbone "
+                  "section, or a loaded backbone (backbones.load_backbone(config.backbone)); "
+                  f"got {type(backbone).__name__}")
+
+
 def vocabulary(backbone: Any) -> list[str]:
   """Term string of every sparse-head dimension: the backbone tokenizer's id -> token.
 
@@ -33,11 +53,17 @@ def vocabulary(backbone: Any) -> list[str]:
   "[id]" placeholder rather than failing, since a missing term name should not stop an eval.
 
   Args:
-    backbone: a `backbones.Backbone` (uses `tokenizer` and `vocab_size`).
+    backbone: a loaded `backbones.Backbone` (uses `tokenizer` and `vocab_size`), or what
+      `backbones.load_backbone` takes to load one: a backbone name ("lit", "tiny"; the other
+      fields from `config_base`) or a config's `backbone` section (ConfigDict or dict).
 
   Returns:
     V strings, V = backbone.vocab_size.
+
+  Raises:
+    TypeError: `backbone` is none of these (the message says what is wanted).
   """
+  backbone = _as_backbone(backbone)
   size = int(backbone.vocab_size)
   names = [f"[{i}]" for i in range(size)]
   tokenizer = None

@@ -54,6 +54,16 @@ def test_vocabulary_is_the_tokenizers(backbone):
   assert vocab[0] == "[PAD]"
 
 
+def test_vocabulary_takes_a_name_or_a_config_section_or_says_what_it_wants(backbone):
+  want = explain.vocabulary(backbone)
+  assert explain.vocabulary("tiny") == want
+  assert explain.vocabulary({"name": "tiny", "max_text_len": 16}) == want
+  with pytest.raises(TypeError, match="a backbone name such as 'lit'.*got int"):
+    explain.vocabulary(3)
+  with pytest.raises(ValueError, match="unknown backbone.name 'litt'"):
+    explain.vocabulary("litt")
+
+
 def test_thumbnail_is_an_embedded_jpeg(tmp_path):
   uri = explain.thumbnail_data_uri(np.full((300, 200, 3), 200, np.uint8), size=64)
   assert uri.startswith("data:image/jpeg;base64,")
