@@ -12,7 +12,8 @@ flags and then calls `cli.run(main, Command(...))` instead of `absl.app.run(main
   status 2. `--verbose` adds the traceback.
 - No start-up notices that are not about the user's run: JAX's "Unable to initialize backend
   'tpu'" (JAX probes every platform it knows) and transformers' "PyTorch was not found" (we
-  never use its PyTorch models).
+  never use its PyTorch models); log lines (validation results) are printed above the progress
+  bars instead of into them.
 """
 
 from collections.abc import Callable, Sequence
@@ -247,8 +248,38 @@ def user_error_types() -> tuple[type[BaseException], ...]:
           IsADirectoryError, PermissionError)
 
 
+class BarSafeStream:
+  """A stream for log lines that leaves tqdm's progress bars intact.
+
+  A log line written straight to stderr lands after the bar's text on the bar's line; through
+  `tqdm.write` the bars are cleared, the line printed, and the bars redrawn below it.
+  """
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    if text.strip():
+      tqdm.tqdm.write(text.rstrip("\n"), file=self.stream)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def isatty(self) -> bool:
+    return self.stream.isatty()
+
+
+def _log_around_progress_bars() -> None:
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  handler = logging.get_absl_handler().python_handler
+  if handler.stream is sys.stderr:
+    handler.stream = BarSafeStream(sys.stderr)
+
+
 def _guarded_main(main: Callable[[Sequence[str]], Any], command: Command,
                   argv: Sequence[str]) -> Any:
+  _log_around_progress_bars()
   try:
     return main(argv)
   except user_error_types() as e:

@@ -175,3 +175,32 @@ def test_bad_data_is_one_line_listing_every_bad_item_and_nothing_is_written(tmp_
   assert "images[3] (img3.png) sentences[0].raw is an empty" in line, line
   assert "--config.data.skip_bad=True" in line
   assert not cache.exists()
+
+
+def _terminal_lines(text):
+  """What a terminal shows of `text`: after each "\r" the line is overwritten from its start."""
+  lines = []
+  for line in text.split("\n"):
+    shown = ""
+    for part in line.split("\r"):
+      shown = part + shown[len(part):]
+    lines.append(shown.rstrip())
+  return lines
+
+
+@pytest.mark.parametrize("through_bars", [True, False])
+def test_a_log_line_during_a_progress_bar_gets_its_own_line(through_bars):
+  import io  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from jsds_jax import cli  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  bar = tqdm.tqdm(total=10, file=out, desc="train", mininterval=0, ascii=True)
+  bar.update(3)
+  line = "I1202 train.py:641] step 3: val R@1 12.5\n"
+  (cli.BarSafeStream(out) if through_bars else out).write(line)
+  bar.update(1)
+  bar.close()
+  shown = [s for s in _terminal_lines(out.getvalue()) if "val R@1" in s]
+  assert len(shown) == 1
+  # Without the wrapper (the control) the log text lands on the bar's line.
+  assert shown[0].startswith("I1202") == through_bars, shown
