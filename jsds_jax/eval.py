@@ -308,8 +308,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
-  """PNG of t2i R@1 against FLOPs, sparse and integrated, each point labelled with its k."""
+def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path,
+                 dense_r1: float | None = None) -> None:
+  """PNG of t2i R@1 against FLOPs, sparse and integrated, each point labelled with its k;
+  `dense_r1` (the dense retriever's t2i R@1) as a dashed reference line."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = pruning_figure(curve, dense_r1)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  fig.savefig(tmp, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def pruning_figure(curve: Sequence[Mapping[str, Any]], dense_r1: float | None = None):
+  """The matplotlib figure `plot_pruning` saves."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -317,6 +329,8 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   flops = [r["flops"] for r in curve]
   for key, label in (("sparse_R@1", "sparse"), ("integrated_R@1", "integrated")):
     ax.plot(flops, [r[key] for r in curve], marker="o", label=label)
+  if dense_r1 is not None:  # what the sparse terms are measured against
+    ax.axhline(dense_r1, color="0.4", linestyle="--", label=f"dense ({dense_r1:.1f}, no terms)")
   for r in curve:
     ax.annotate(str(r["k"] or "all"), (r["flops"], r["sparse_R@1"]), fontsize=7,
                 textcoords="offset points", xytext=(3, 3))
@@ -328,10 +342,7 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  fig.savefig(tmp, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  return fig
 
 
 def save_tail_params(path: pathlib.Path, params: Mapping[str, Any]) -> None:
@@ -507,12 +518,13 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if write_index:
     model = model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size, checkpoint)
     write_search_files(out_dir, out, params, cache, config, model, w1, w2)
+  plot_pruning(report["pruning"], out_dir / "pruning.png", dense_r1=report["t2i"]["dense"]["R@1"])
   if html_report:
     examples = html_examples(out, scores, cache, explain.vocabulary(backbone))
     title = f"JSDS retrieval: {report['split']['dataset']}/{report['split']['name']}"
-    _atomic_write_text(out_dir / "report.html",
-                       explain.render_html_report(examples, title=title, notes=notes))
-  plot_pruning(report["pruning"], out_dir / "pruning.png")
+    _atomic_write_text(out_dir / "report.html", explain.render_html_report(
+        examples, title=title, notes=notes, report=report,
+        pruning_png=(out_dir / "pruning.png").read_bytes()))
   _atomic_write_text(out_dir / "report.md", render_markdown(report))
   feature_cache.atomic_write_json(out_dir / "report.json", report)
   return report
