@@ -56,14 +56,6 @@ class Command:
   notes: Sequence[str] = ()
 
 
-class UserError(Exception):
-  """A mistake in what the user passed; `hint` says what to do instead."""
-
-  def __init__(self, message: str, hint: str = ""):
-    super().__init__(message)
-    self.hint = hint
-
-
 # ----------------------------------------------------------------------------------------------
 # Quiet start.
 
@@ -228,8 +220,6 @@ def _flag_error_message(error: flags.Error) -> str:
 def _hint_for(error: BaseException, command: Command) -> str:
   """What to do about `error`, unless its message already says."""
   from jsds_jax.data.split import BadItemError  # pylint: disable=g-import-not-at-top
-  if isinstance(error, UserError) and error.hint:
-    return error.hint
   text = str(error)
   if isinstance(error, BadItemError):
     return "" if "skip_bad" in text else _SKIP_BAD_HINT
@@ -239,13 +229,15 @@ def _hint_for(error: BaseException, command: Command) -> str:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-  """The exceptions a user's input causes: bad data, config values, paths, checkpoints.
+  """The exceptions a user's input causes: bad data, config values, paths, checkpoints, the
+  demo data's download.
 
   ValueError is among them because every ValueError this package raises names the offending
   value; a library bug surfacing as one would still print one line, and --verbose shows where.
   """
-  return (UserError, app.UsageError, ValueError, FileNotFoundError, NotADirectoryError,
-          IsADirectoryError, PermissionError)
+  from jsds_jax.data.demo_tuxpaint import DemoDataError  # pylint: disable=g-import-not-at-top
+  return (app.UsageError, ValueError, FileNotFoundError, NotADirectoryError,
+          IsADirectoryError, PermissionError, DemoDataError)
 
 
 class BarSafeStream:
@@ -268,6 +260,9 @@ class BarSafeStream:
 
   def isatty(self) -> bool:
     return self.stream.isatty()
+
+  def close(self) -> None:
+    """Nothing: stderr is not ours to close (absl's handler closes its stream at exit)."""
 
 
 def _log_around_progress_bars() -> None:
