@@ -216,7 +216,7 @@ def _hit_html(rank: int, hit: Hit) -> str:
   terms = f'<div class="terms">{_terms_html(hit.terms)}</div>' if hit.terms else ""
   cls = "hit ok" if hit.correct else "hit"
   return (f'<div class="{cls}">{img}<b>#{rank + 1}</b> <span class="label">score</span> '
-          f'{hit.score:.3f} <span class="label">image</span> {e(hit.image_id)}'
+          f'{hit.score:.3f}<br><span class="label">image</span> {e(hit.image_id)}'
           f"<br><i>{e(hit.caption)}</i>{terms}</div>")
 
 
