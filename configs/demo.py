@@ -32,5 +32,6 @@ def get_config(arg=None):
   c.train.eval_every_epochs = 2
   c.train.patience = 10             # validations, i.e. 20 epochs
   c.train.checkpoint_every = 180    # every 20 epochs
+  c.train.checkpoint_every_seconds = 30  # and at least twice a minute: a kill loses little
   c.train.keep_checkpoints = 2
   return c

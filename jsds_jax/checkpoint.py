@@ -175,13 +175,18 @@ class Checkpointer:
     every: save every this many steps (`train.checkpoint_every`; <= 0: only at the end / on
       preemption).
     keep: how many regular checkpoints to keep (`train.keep_checkpoints`).
+    every_seconds: also save at the first step this many seconds after the last save (or the
+      start); `train.checkpoint_every_seconds`, <= 0: off. Single-process runs only: hosts'
+      clocks would make several processes disagree on the step.
     async_save: write in background threads (the step loop only waits for the device-to-host
       copy); `wait_until_finished` / `close` join them.
   """
 
   def __init__(self, workdir: str | os.PathLike, every: int, keep: int,
-               async_save: bool = True):
+               async_save: bool = True, every_seconds: float = 0):
     self.workdir = pathlib.Path(workdir).expanduser().absolute()
+    self.every_seconds = every_seconds if jax.process_count() == 1 else 0
+    self._last_save = time.monotonic()
     policies = [ocp_managers.PreemptionCheckpointingPolicy()]
     if every > 0:
       policies.append(ocp_managers.FixedIntervalPolicy(every))
@@ -209,7 +214,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """Whether the interval (or a multi-host preemption sync point) asks for a save now."""
+    """Whether the step or time interval (or a multi-host preemption sync point) asks for a
+    save now."""
+    if self.every_seconds > 0 and time.monotonic() - self._last_save >= self.every_seconds:
+      return True
     return self.manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
@@ -221,6 +229,7 @@ class Checkpointer:
     step = int(state.step)
     if step in self.manager.all_steps():
       return
+    self._last_save = time.monotonic()
     self.manager.save(step, force=True, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(state.params),
         TRAIN_STATE: ocp.args.StandardSave(_rest_of_state(state)),
@@ -291,8 +300,9 @@ class Checkpointer:
       if int(restored.step) != step:
         self._quarantine(step, ValueError(f"it holds step {int(restored.step)}"))
         continue
-      logging.info("resumed from %s", self.step_dir(step))
+      logging.info("resuming from step %d: %s", step, self.step_dir(step))
       return restored, Progress.from_dict(out[PROGRESS])
+    logging.info("no checkpoint in %s, starting fresh", self.workdir / CHECKPOINTS)
     return None
 
   def _quarantine(self, step: int, error: Exception) -> None:
@@ -362,7 +372,8 @@ def load_params(path: str | os.PathLike) -> tuple[dict, dict]:
   Raises:
     CheckpointError: nothing readable at `path` (the message names it).
   """
-  step_dir = resolve_step_dir(path)
+  # Orbax refuses relative paths; the binaries take them, so this does too.
+  step_dir = resolve_step_dir(pathlib.Path(path).expanduser().absolute())
   # The items' handlers directly: a Checkpointer would look for step-level metadata files
   # beside each item and warn that they are missing.
   handler = ocp.PyTreeCheckpointHandler()

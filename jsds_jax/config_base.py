@@ -144,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.patience = 20           # stop after this many validations without a better score
                                   # (sparse R@1 t2i; dense in dense_only); 0 = never
   c.train.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
+  c.train.checkpoint_every_seconds = 600  # also once this long after the last (0: off; 1 process)
   c.train.keep_checkpoints = 3    # regular checkpoints kept; the best one is kept apart
   c.train.progress = True         # tqdm progress bar
 

@@ -49,6 +49,7 @@ from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
 from jsds_jax.models.trunk import backbones
 from jsds_jax.models.tail import last_block
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import sharding
 
@@ -501,6 +502,10 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
   """
   backbone = backbone or backbones.load_backbone(config.backbone)
   settings = EncodeSettings.from_config(config)
+  # Every split to encode is read (and its data checked) before anything is written, so bad
+  # data stops the run with all its problems and no files.
+  loaded = {name: registry.load_split(config.data, name) for name in splits or config.data.splits
+            if not feature_cache.is_complete(cache_dir_for(config, backbone, name))}
   tail = tail_init_path(config, backbone)
   if _writes(settings):
     tail.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +522,7 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
       if jax.process_count() > 1 and settings.shared_cache:
         multihost_utils.sync_global_devices(f"jsds encode {split_name} token ids")
     else:
-      split = registry.load_split(config.data, split_name)
+      split = loaded.get(split_name) or registry.load_split(config.data, split_name)
       encode_split(split, backbone, out_dir, settings, progress=progress)
     out[split_name] = out_dir
   return out
@@ -550,7 +555,12 @@ def run() -> None:
   # Flags are defined here, not at import, so the binaries' modules can import each other.
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-encode", "runs the frozen backbone once over every split of a config's dataset and "
+      "writes the feature cache (a killed run resumes).",
+      "--config FILE [--config.SECTION.FIELD=VALUE ...]", ["config"],
+      ["jsds-encode --config configs/demo.py",
+       "jsds-encode --config configs/demo.py --config.encode.dtype=bfloat16"]))
 
 
 if __name__ == "__main__":

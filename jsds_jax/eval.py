@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from jsds_jax import atomic
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import explain
 from jsds_jax import tail_outputs
@@ -159,7 +160,10 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
   scores = scores_lib.score_matrices(out, w1, w2)
   per_kind = scores_lib.retrieval(scores, cap_index)
-  notes = report_lib.notes_for(meta, w1, w2)
+  notes = [n for n in [metrics.small_split_note(int(out.e_i.shape[0]))] if n]
+  for note in notes:
+    logging.warning("%s", note)
+  notes += report_lib.notes_for(meta, w1, w2)
   zero_shot = _zero_shot(split_dir, cache)
   if isinstance(zero_shot, str):
     notes.append(zero_shot)
@@ -290,7 +294,14 @@ def run() -> None:
   flags.DEFINE_string("rerank", "", "cmc: also rerank each first stage's top K with the CMC "
                       "run at --config.cmc.checkpoint (report: first stage alone vs + CMC).")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-eval", "scores a trained checkpoint on one split (dense, sparse and integrated "
+      "retrieval both ways, sparsity, pruning curve) and writes the report, the HTML page and "
+      "the search index.", "--config FILE --checkpoint PATH --out DIR [flags]",
+      ["config", "checkpoint", "out", "split", "html", "batch_size", "rerank"],
+      ["jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval",
+       "jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval-val "
+       "--split val"]))
 
 
 if __name__ == "__main__":

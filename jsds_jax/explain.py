@@ -11,7 +11,7 @@ from datasets and term strings from tokenizers, neither of which is trusted mark
 """
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import html
 import inspect
@@ -25,6 +25,26 @@ import scipy.sparse as sp
 THUMB_SIZE = 128
 
 
+def _as_backbone(backbone: Any) -> Any:
+  """A loaded backbone from a name, a backbone config section, or a loaded backbone."""
+  if hasattr(backbone, "vocab_size") and hasattr(backbone, "tokenizer"):
+    return backbone
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jsds_jax import config_base  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+  if isinstance(backbone, str):
+    config = config_base.base_config().backbone
+    config.name = backbone
+    return backbones.load_backbone(config)
+  if isinstance(backbone, (dict, ml_collections.ConfigDict)):
+    config = config_base.base_config().backbone
+    config.update(dict(backbone))
+    return backbones.load_backbone(config)
+  raise TypeError("vocabulary() takes a backbone name such as 'lit', a config's backbone "
+                  "section, or a loaded backbone (backbones.load_backbone(config.backbone)); "
+                  f"got {type(backbone).__name__}")
+
+
 def vocabulary(backbone: Any) -> list[str]:
   """Term string of every sparse-head dimension: the backbone tokenizer's id -> token.
 
@@ -33,11 +53,17 @@ def vocabulary(backbone: Any) -> list[str]:
   "[id]" placeholder rather than failing, since a missing term name should not stop an eval.
 
   Args:
-    backbone: a `backbones.Backbone` (uses `tokenizer` and `vocab_size`).
+    backbone: a loaded `backbones.Backbone` (uses `tokenizer` and `vocab_size`), or what
+      `backbones.load_backbone` takes to load one: a backbone name ("lit", "tiny"; the other
+      fields from `config_base`) or a config's `backbone` section (ConfigDict or dict).
 
   Returns:
     V strings, V = backbone.vocab_size.
+
+  Raises:
+    TypeError: `backbone` is none of these (the message says what is wanted).
   """
+  backbone = _as_backbone(backbone)
   size = int(backbone.vocab_size)
   names = [f"[{i}]" for i in range(size)]
   tokenizer = None
@@ -168,7 +194,11 @@ _CSS = """
 body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin-bottom:2em}
 td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
-.hit{display:inline-block;width:150px;margin:3px;font-size:12px}
+.hits{display:flex;flex-wrap:wrap;align-items:flex-start}
+.hit{width:150px;margin:3px;font-size:12px}
+.label{color:#777}
+.metrics td{text-align:right}
+.metrics td:first-child{text-align:left}
 .hit img,.ph{width:128px;height:128px;object-fit:contain;background:#eee;display:block}
 .ok{outline:3px solid #2a2}
 .terms{color:#555}
@@ -185,18 +215,44 @@ def _hit_html(rank: int, hit: Hit) -> str:
          else '<div class="ph"></div>')
   terms = f'<div class="terms">{_terms_html(hit.terms)}</div>' if hit.terms else ""
   cls = "hit ok" if hit.correct else "hit"
-  return (f'<div class="{cls}">{img}<b>#{rank + 1}</b> {hit.score:.3f} {e(hit.image_id)}'
+  return (f'<div class="{cls}">{img}<b>#{rank + 1}</b> <span class="label">score</span> '
+          f'{hit.score:.3f}<br><span class="label">image</span> {e(hit.image_id)}'
           f"<br><i>{e(hit.caption)}</i>{terms}</div>")
 
 
+def _metrics_html(report: Mapping[str, Any]) -> str:
+  """The retrieval table and sparsity line of an eval report (`eval.evaluate`'s dict)."""
+  ks = (1, 5, 10)
+  head = "".join(f"<th>{d} R@{k}</th>" for d in ("t2i", "i2t") for k in ks)
+  rows = []
+  for kind in report["t2i"]:
+    cells = "".join(f"<td>{report[d][kind][f'R@{k}']:.2f}</td>" for d in ("t2i", "i2t")
+                    for k in ks)
+    rsum = report["t2i"][kind]["rsum"] + report["i2t"][kind]["rsum"]
+    rows.append(f"<tr><td>{html.escape(kind)}</td>{cells}<td>{rsum:.2f}</td></tr>")
+  split = report.get("split", {})
+  sparsity = report.get("sparsity", {})
+  return (f"<h2>Retrieval ({split.get('num_images', '?')} images, "
+          f"{split.get('num_captions', '?')} captions; recall in %)</h2>"
+          f"<table class='metrics'><tr><th>retriever</th>{head}<th>rsum</th></tr>"
+          f"{''.join(rows)}</table>"
+          + (f"<p>Sparsity: {sparsity['caption_nnz']:.1f} non-zeros per caption, "
+             f"{sparsity['image_nnz']:.1f} per image, FLOPs {sparsity['flops']:.3f}.</p>"
+             if sparsity else ""))
+
+
 def render_html_report(examples: Sequence[Example], title: str = "JSDS retrieval",
-                       notes: Sequence[str] = ()) -> str:
+                       notes: Sequence[str] = (), report: Mapping[str, Any] | None = None,
+                       pruning_png: bytes | None = None) -> str:
   """One self-contained HTML page: each query, its top images per retriever, the shared terms.
 
   Args:
     examples: the queries to show.
     title: the page title (escaped).
     notes: lines shown under the title (escaped).
+    report: the eval report (`eval.evaluate`'s dict); its retrieval table and sparsity are
+      shown first.
+    pruning_png: the pruning plot (PNG bytes), embedded after the table.
 
   Returns:
     The HTML text. Every caption, id and term is passed through `html.escape`.
@@ -205,15 +261,21 @@ def render_html_report(examples: Sequence[Example], title: str = "JSDS retrieval
   kinds = list(examples[0].ranked) if examples else []
   rows = []
   for ex in examples:
-    cells = "".join("<td>" + "".join(_hit_html(r, h) for r, h in enumerate(ex.ranked[kind]))
-                    + "</td>" for kind in kinds)
+    cells = "".join("<td><div class='hits'>" + "".join(
+        _hit_html(r, h) for r, h in enumerate(ex.ranked[kind])) + "</div></td>" for kind in kinds)
     rows.append(f"<tr><td><b>{e(ex.query)}</b><div class='terms'>"
                 f"{_terms_html(ex.query_terms)}</div></td>{cells}</tr>")
   head = "".join(f"<th>{e(kind)}</th>" for kind in kinds)
   notes_html = "".join(f"<p>{e(n)}</p>" for n in notes)
+  summary = _metrics_html(report) if report else ""
+  if pruning_png:
+    summary += ('<h2>Pruning every vector to its top-k terms</h2><img alt="pruning curve" '
+                'src="data:image/png;base64,' + base64.b64encode(pruning_png).decode("ascii")
+                + '">')
   return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title>"
-          f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>{notes_html}"
-          "<p>Green outline: the query's own image. Terms under a hit: the vocabulary terms "
+          f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>{notes_html}{summary}"
+          "<h2>Example queries</h2><p>Green outline: the query's own image. Terms under a hit: "
+          "the vocabulary terms "
           "query and image share, with their contribution q<sub>v</sub>&middot;d<sub>v</sub> "
           "to the sparse score.</p>"
           f"<table><tr><th>query</th>{head}</tr>{''.join(rows)}</table></body></html>\n")

@@ -329,12 +329,19 @@ def load_sharded_features(directory: str | os.PathLike, mesh: jax.sharding.Mesh,
   return features, layout
 
 
+def _fitting_batch(num_images: int) -> int:
+  """The largest power of two that leaves at least two steps per epoch (at least 1)."""
+  return max(1, 1 << max(0, (num_images // 2).bit_length() - 1))
+
+
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
   """Steps in one epoch: every image once, the last partial batch dropped."""
   steps = num_images // batch_size
   if steps == 0:
-    raise ValueError(f"batch size {batch_size} exceeds the {num_images} training images: a "
-                     "batch holds distinct images")
+    raise ValueError(f"train.batch_size {batch_size} exceeds the {num_images} training images "
+                     "(a batch holds distinct images): pass --config.train.batch_size="
+                     f"{_fitting_batch(num_images)} or less, or train on more data (with "
+                     "data.skip_bad, check how many items were dropped)")
   return steps
 
 

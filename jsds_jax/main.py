@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from jsds_jax import checkpoint
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import eval as eval_lib
@@ -78,7 +79,13 @@ def run() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", "runs/default", "Where checkpoints and reports go.")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-run", "the whole pipeline on one config: encode -> train -> eval of the best "
+      "checkpoint on the test split (a finished stage is skipped, an interrupted run resumes).",
+      "--config FILE [--workdir DIR] [--config.SECTION.FIELD=VALUE ...]", ["config", "workdir"],
+      ["jsds-run --config configs/demo.py --workdir runs/demo",
+       "jsds-run --config configs/demo.py --workdir runs/demo-small "
+       "--config.train.num_epochs=10"]))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 import jax
 
 from jsds_jax import atomic
+from jsds_jax import event_files
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -36,7 +37,9 @@ class MetricWriter:
     if not self.enabled:
       return
     truncate_jsonl(self.path, start_step)
-    self._tb = _tensorboardx().SummaryWriter(str(workdir / TENSORBOARD_DIR),
+    tensorboardx = _tensorboardx()
+    event_files.purge_after(workdir / TENSORBOARD_DIR, start_step)
+    self._tb = tensorboardx.SummaryWriter(str(workdir / TENSORBOARD_DIR),
                                           purge_step=start_step if start_step else None)
 
   def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jsds_jax import cli
 from jsds_jax import explain
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
@@ -245,16 +246,21 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
   """Console-script entry point `jsds-search`."""
   flags.DEFINE_string("index", None, "An eval output folder (or its index/ subfolder).")
-  flags.DEFINE_integer("k", 10, "How many images to show.")
+  flags.DEFINE_integer("k", 10, "How many images to show.", lower_bound=1)
   flags.DEFINE_enum("rerank", "none", ["none", "dense", "cmc"],
                     "dense: rescore the first --candidates with the integrated score; cmc: "
                     "reorder them with the CMC run at --cmc.")
   flags.DEFINE_string("cmc", None, "A train_cmc workdir, for --rerank cmc.")
-  flags.DEFINE_integer("candidates", 100, "First-stage depth when reranking.")
+  flags.DEFINE_integer("candidates", 100, "First-stage depth when reranking.", lower_bound=1)
   flags.DEFINE_string("checkpoint", None, "Encode queries with this checkpoint's tail instead "
                       "of the one stored beside the index (the index must come from it).")
   flags.mark_flag_as_required("index")
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-search", "free-text queries against the image index `jsds-eval` wrote, with the "
+      "terms that matched.", "--index DIR [flags] QUERY...",
+      ["index", "k", "rerank", "candidates", "checkpoint"],
+      ['jsds-search --index runs/demo/eval --k 5 "a red apple"',
+       'jsds-search --index runs/demo/eval --rerank dense "a green frog"']))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import numpy as np
 import tqdm
 
 from jsds_jax import checkpoint
+from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import metric_writer
@@ -322,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   run = setup(config, cache_dirs, backbone)
-  ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, tc.checkpoint_every, tc.keep_checkpoints,
+                                 every_seconds=tc.get("checkpoint_every_seconds", 0))
   loop = None
   try:
     restored = ckpt.restore_latest(run.state, run.metadata)
@@ -526,7 +528,12 @@ def run() -> None:
   flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard files go here; an "
                       "existing run there is resumed.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, cli.Command(
+      "jsds-train", "trains the sparse-dense tail on a config's feature cache (encoding it "
+      "first if missing), validating as it goes; an existing run in --workdir is resumed.",
+      "--config FILE --workdir DIR [--config.SECTION.FIELD=VALUE ...]", ["config", "workdir"],
+      ["jsds-train --config configs/demo.py --workdir runs/demo",
+       "jsds-train --config configs/demo.py --workdir runs/demo-d2s --config.train.mode=d2s"]))
 
 
 if __name__ == "__main__":

@@ -168,3 +168,46 @@ def test_last_block_checkpoint_round_trips(tmp_path):
     checkpoint.tail_module(loaded_meta, loaded)
   with pytest.raises(ValueError, match="backbone"):
     tail_outputs.tail_module_for(loaded)
+def test_resume_says_whether_it_starts_fresh_or_from_a_step(tmp_path, setup, caplog):
+  ckpt = checkpoint.Checkpointer(tmp_path, every=0, keep=2)
+  with caplog.at_level(logging.INFO):
+    assert ckpt.restore_latest(_state(setup, 0)) is None
+  assert f"no checkpoint in {tmp_path / 'checkpoints'}, starting fresh" in caplog.text
+  ckpt.save(_state(setup, 3), setup["meta"], checkpoint.Progress())
+  ckpt.wait_until_finished()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    restored, _ = ckpt.restore_latest(_state(setup, 0), setup["meta"])
+  ckpt.close()
+  assert int(restored.step) == 3
+  assert f"resuming from step 3: {tmp_path / 'checkpoints' / '3'}" in caplog.text
+
+
+def test_time_interval_asks_for_a_save_between_step_intervals(tmp_path, setup, monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now[0])
+  ckpt = checkpoint.Checkpointer(tmp_path, every=100, keep=2, every_seconds=30)
+  assert not ckpt.should_save(1)
+  now[0] += 31
+  assert ckpt.should_save(2)
+  ckpt.save(_state(setup, 2), setup["meta"], checkpoint.Progress())
+  assert not ckpt.should_save(3)  # the clock restarts at each save
+  now[0] += 29
+  assert not ckpt.should_save(4)
+  now[0] += 2
+  assert ckpt.should_save(5)
+  ckpt.close()
+  off = checkpoint.Checkpointer(tmp_path / "off", every=100, keep=2, every_seconds=0)
+  now[0] += 10_000
+  assert not off.should_save(7)
+  off.close()
+
+
+def test_load_params_takes_a_relative_path(tmp_path, setup, monkeypatch):
+  ckpt = checkpoint.Checkpointer(tmp_path / "run", every=1, keep=1)
+  ckpt.save(_state(setup, 1), setup["meta"], checkpoint.Progress())
+  ckpt.close()
+  monkeypatch.chdir(tmp_path)
+  params, meta = checkpoint.load_params("run")
+  _assert_trees_equal(params, _state(setup, 1).params)
+  assert meta["weights_hash"] == "abc"

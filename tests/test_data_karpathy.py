@@ -173,9 +173,41 @@ def test_skip_bad_drops_and_counts(tmp_path):
 def test_unreadable_image_raises_at_load_time_naming_it(tmp_path):
   path, root = _dataset(tmp_path, [_record(0, "test")])
   (root / "val2014" / "img0.jpg").write_bytes(b"not a jpeg")
-  split = karpathy.load_karpathy(path, root, "test")
+  with pytest.raises(BadItemError, match=r"images\[0\] \(.*img0.jpg\) is not a readable image"):
+    karpathy.load_karpathy(path, root, "test")
+  split = karpathy.load_karpathy(path, root, "test", check_images=False)
   with pytest.raises(BadItemError, match="img0.jpg"):
     split.load_image(0)
+
+
+def test_every_bad_item_is_reported_at_once(tmp_path):
+  records = [_record(r, "test") for r in range(6)]
+  records[3]["sentences"][0]["raw"] = ""
+  del records[4]["filename"]
+  path, root = _dataset(tmp_path, records)
+  (root / "val2014" / "img2.jpg").write_bytes(b"not a jpeg")
+  os.remove(root / "val2014" / "img5.jpg")
+  with pytest.raises(BadItemError) as info:
+    karpathy.load_karpathy(path, root, "test")
+  message = str(info.value)
+  assert "captions.json: 4 bad items in split 'test'" in message
+  for item in (r"images[2] (", "img2.jpg) is not a readable image",
+               "images[3] (img3.jpg) sentences[0].raw is an empty", "images[4] has no 'filename'",
+               "images[5] -> "):
+    assert item in message, message
+  assert "--config.data.skip_bad=True" in message
+
+
+def test_many_bad_items_show_the_first_and_a_count(tmp_path):
+  records = [_record(r, "test") for r in range(15)]
+  for record in records[:13]:
+    record["sentences"][0]["raw"] = " "
+  path, root = _dataset(tmp_path, records)
+  with pytest.raises(BadItemError) as info:
+    karpathy.load_karpathy(path, root, "test")
+  message = str(info.value)
+  assert "13 bad items" in message and "and 3 more" in message
+  assert "images[9] (" in message and "images[10] (" not in message
 
 
 def test_find_missing_files(tmp_path):

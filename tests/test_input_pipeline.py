@@ -48,6 +48,18 @@ def test_every_caption_of_an_image_gets_picked():
   assert 0.15 < seen[four].mean() / 200 < 0.35 and seen[four].min() > 20
 
 
+def test_a_batch_larger_than_the_training_set_says_what_fits():
+  with pytest.raises(ValueError) as info:
+    input_pipeline.steps_per_epoch(2, 64)
+  message = str(info.value)
+  assert "train.batch_size 64 exceeds the 2 training images" in message
+  assert "--config.train.batch_size=1 or less" in message and "skip_bad" in message
+  assert input_pipeline.steps_per_epoch(2, 1) == 2
+  with pytest.raises(ValueError, match="batch_size=32 or less"):
+    input_pipeline.steps_per_epoch(100, 128)
+  assert input_pipeline.steps_per_epoch(100, 32) == 3
+
+
 def test_epoch_order_errors():
   with pytest.raises(ValueError, match="exceeds"):
     input_pipeline.epoch_order(0, 0, CAP_IMG, 64)

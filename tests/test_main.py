@@ -38,3 +38,5 @@ def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys, mo
   assert 0 <= saved["t2i"]["dense"]["R@1"] <= 100.0
   assert saved["i2t"]["integrated"]["R@10"] == 100.0
   assert "best" in saved["checkpoint"]
+  # 2 test images: the report says its recalls mean nothing.
+  assert [n for n in saved["notes"] if n.startswith("the split has only 2 images: R@5, R@10 are")]

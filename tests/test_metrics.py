@@ -61,3 +61,15 @@ def test_bad_shapes():
     metrics.t2i_ranks(np.zeros((3, 2)), np.zeros(4, int))
   with pytest.raises(ValueError, match="outside"):
     metrics.t2i_ranks(np.zeros((2, 2)), np.array([0, 2]))
+
+
+@pytest.mark.parametrize("num_images,expected", [
+    (1, "the split has only 1 image: R@1, R@5, R@10 are 100% whatever the model does"),
+    (5, "the split has only 5 images: R@5, R@10 are 100%"),
+    (10, "the split has only 10 images: R@10 is 100%"),
+    (11, None),
+    (1000, None),
+])
+def test_small_split_note(num_images, expected):
+  note = metrics.small_split_note(num_images)
+  assert note == expected if expected is None else note.startswith(expected), note

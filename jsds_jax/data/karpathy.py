@@ -17,8 +17,10 @@ The image of a record is `<image_root>/<filepath>/<filename>`; its id is `str(co
 which is what `split="train"` gives for a "coco" file unless `include_restval=False`.
 
 Problems with the data are reported with the JSON file, the record index (`images[12]`) and the
-field. With `skip_bad=True`, bad captions and images are dropped instead and counted; structural
-problems (invalid JSON, no "images" list, a record without "split", duplicate ids) still raise.
+field, all of a split's at once (the first few and a count; unreadable image files too, see
+`validate`). With `skip_bad=True`, bad captions and images are dropped instead and counted;
+structural problems (invalid JSON, no "images" list, a record without "split", duplicate ids)
+still raise.
 `load_karpathy_with_skips` returns those counts; `load_karpathy` logs them.
 """
 
@@ -34,6 +36,7 @@ from absl import logging
 import numpy as np
 
 from jsds_jax import atomic
+from jsds_jax.data import validate
 from jsds_jax.data.images import read_image
 from jsds_jax.data.split import BadItemError
 from jsds_jax.data.split import RetrievalSplit
@@ -156,7 +159,7 @@ def _missing_message(json_path: str, split: str, image_root: str, paths: Sequenc
         f" {'All' if len(missing) == len(paths) else 'Most'} of them are missing, so image_root "
         "is probably wrong: images are looked up at <image_root>/<filepath>/<filename>, e.g. "
         f"{paths[missing[0]]}, and {_describe_folder(os.path.dirname(paths[missing[0]]))}.")
-  return message + " Pass skip_bad=True to drop missing images instead."
+  return message
 
 
 def load_karpathy_with_skips(
@@ -166,6 +169,7 @@ def load_karpathy_with_skips(
     dataset_name: str | None = None,
     skip_bad: bool = False,
     include_restval: bool | None = None,
+    check_images: bool = True,
 ) -> tuple[RetrievalSplit, dict[str, int]]:
   """Loads one split of a Karpathy JSON and its image folder.
 
@@ -179,6 +183,9 @@ def load_karpathy_with_skips(
       captions) instead of raising.
     include_restval: whether `split="train"` also takes the "restval" records; None means yes
       for a file whose "dataset" is "coco" (the standard 113k Karpathy train set).
+    check_images: without `skip_bad`, also open every image file of the split
+      (`validate.image_problem`) so that unreadable images are reported with the other
+      problems, before any encoding.
 
   Returns:
     (the split, counts of what was skipped under the keys in `SKIP_KEYS`; all zero when
@@ -186,7 +193,8 @@ def load_karpathy_with_skips(
 
   Raises:
     FileNotFoundError: the JSON file does not exist.
-    BadItemError: a problem with the data; the message names the file, record and field.
+    BadItemError: problems with the data; the message names the file and, for every bad item
+      (the first `validate.MAX_SHOWN` and a count), its record and field.
     ValueError: `split` is not in the file (the message lists those that are).
   """
   path = os.fspath(json_path)
@@ -209,6 +217,7 @@ def load_karpathy_with_skips(
   wanted = {split} | ({"restval"} if split == "train" and include_restval else set())
 
   skipped = dict.fromkeys(SKIP_KEYS, 0)
+  problems = []  # without skip_bad: every bad item, reported together at the end
   record_index, paths, image_ids, captions_per_image = [], [], [], []
   id_owner: dict[str, int] = {}
   for r, record in enumerate(records):
@@ -217,7 +226,7 @@ def load_karpathy_with_skips(
     problem = _record_problem(record)
     if problem:
       if not skip_bad:
-        raise BadItemError(f"{path}: images[{r}] {problem}")
+        problems.append(f"images[{r}] {problem}")
       skipped["bad_records"] += 1
       continue
     captions = []
@@ -225,16 +234,18 @@ def load_karpathy_with_skips(
       text, why = _caption(sentence)
       if text is None:
         if not skip_bad:
-          raise BadItemError(
-              f"{path}: images[{r}] ({record['filename']}) sentences[{s}].raw {why}")
+          problems.append(f"images[{r}] ({record['filename']}) sentences[{s}].raw {why}")
         skipped["empty_captions" if "empty" in why else "bad_captions"] += 1
         continue
       captions.append(text)
     image_id, id_field = _image_id(record)
     if image_id in id_owner:
-      raise BadItemError(
-          f"{path}: images[{id_owner[image_id]}] and images[{r}] have the same image id "
-          f"{image_id!r} (from '{id_field}'); ids must be unique within a split")
+      duplicate = (f"images[{id_owner[image_id]}] and images[{r}] have the same image id "
+                   f"{image_id!r} (from '{id_field}'); ids must be unique within a split")
+      if skip_bad:  # structural: no item to drop
+        raise BadItemError(f"{path}: {duplicate}")
+      problems.append(duplicate)
+      continue
     id_owner[image_id] = r
     record_index.append(r)
     paths.append(os.path.join(root, record.get("filepath", ""), record["filename"]))
@@ -243,9 +254,18 @@ def load_karpathy_with_skips(
 
   missing = find_missing_files(paths)
   if missing and not skip_bad:
-    raise BadItemError(_missing_message(path, split, root, paths, missing, record_index))
+    message = _missing_message(path, split, root, paths, missing, record_index)
+    if 2 * len(missing) >= len(paths):  # a wrong image_root: nothing else is worth listing
+      raise BadItemError(message + " Pass skip_bad=True to drop missing images instead.")
+    problems.append(message[len(path) + 2:])
   skipped["missing_images"] = len(missing)
   missing_set = set(missing)
+  if not skip_bad and check_images:
+    present = [i for i in range(len(paths)) if i not in missing_set]
+    for j, why in validate.unreadable_images([paths[i] for i in present]):
+      problems.append(f"images[{record_index[present[j]]}] ({paths[present[j]]}) {why}")
+  if problems:
+    raise BadItemError(validate.problems_message(path, split, problems))
 
   kept_ids, kept_paths, captions, caption_image = [], [], [], []
   for i, (image_id, image_path, image_captions) in enumerate(
@@ -282,11 +302,12 @@ def load_karpathy(
     dataset_name: str | None = None,
     skip_bad: bool = False,
     include_restval: bool | None = None,
+    check_images: bool = True,
 ) -> RetrievalSplit:
   """`load_karpathy_with_skips` that logs what it skipped and returns only the split."""
   result, skipped = load_karpathy_with_skips(
       json_path, image_root, split, dataset_name=dataset_name, skip_bad=skip_bad,
-      include_restval=include_restval)
+      include_restval=include_restval, check_images=check_images)
   if any(skipped.values()):
     logging.warning("%s split %r: skipped %s", os.fspath(json_path), split,
                     {k: v for k, v in skipped.items() if v})

@@ -109,6 +109,21 @@ def retrieval_metrics(scores: np.ndarray, caption_image_index: np.ndarray) -> di
   return out
 
 
+def small_split_note(num_images: int, ks: Sequence[int] = KS) -> str | None:
+  """A warning when a split is too small for its recalls to mean anything, else None.
+
+  With N images, R@K for K >= N is 100% whatever the model does, and one image moves any
+  recall by 100/N points.
+  """
+  trivial = [k for k in ks if k >= num_images]
+  if not trivial:
+    return None
+  return (f"the split has only {num_images} image{'s' if num_images != 1 else ''}: "
+          f"{', '.join(f'R@{k}' for k in trivial)} {'is' if len(trivial) == 1 else 'are'} 100% "
+          "whatever the model does; evaluate on a split with (many) more images than 10 before "
+          "reading anything into these numbers")
+
+
 def sparse_flops(z_queries: np.ndarray, z_docs: np.ndarray) -> float:
   """FLOPs as the D2S paper defines it: mean over query–document pairs of Σ_v 1[q_v≠0]·1[d_v≠0].
 

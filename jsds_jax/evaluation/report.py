@@ -6,6 +6,7 @@
 """
 
 from collections.abc import Mapping, Sequence
+import io
 import pathlib
 from typing import Any
 
@@ -60,7 +61,7 @@ def write(out_dir: pathlib.Path, report: Mapping[str, Any], html: str | None = N
   out_dir.mkdir(parents=True, exist_ok=True)
   if html is not None:
     atomic.write_text(out_dir / "report.html", html)
-  plot_pruning(report["pruning"], out_dir / "pruning.png")
+  plot_pruning(report["pruning"], out_dir / "pruning.png", _dense_r1(report))
   atomic.write_text(out_dir / "report.md", render_markdown(report))
   feature_cache.atomic_write_json(out_dir / "report.json", report)
 
@@ -100,8 +101,35 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None:
-  """PNG of t2i R@1 against FLOPs, sparse and integrated, each point labelled with its k."""
+def _dense_r1(report: Mapping[str, Any]) -> float | None:
+  dense = report.get("t2i", {}).get("dense")
+  return None if dense is None else float(dense["R@1"])
+
+
+def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path,
+                 dense_r1: float | None = None) -> None:
+  """PNG of t2i R@1 against FLOPs, sparse and integrated, each point labelled with its k;
+  `dense_r1` (the dense retriever's t2i R@1) as a dashed reference line."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = pruning_figure(curve, dense_r1)
+  with atomic.replacing(path) as tmp:
+    fig.savefig(tmp, format="png")
+  plt.close(fig)
+
+
+def pruning_png(curve: Sequence[Mapping[str, Any]], dense_r1: float | None = None) -> bytes:
+  """The pruning plot as PNG bytes (report.html embeds it)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = pruning_figure(curve, dense_r1)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def pruning_figure(curve: Sequence[Mapping[str, Any]], dense_r1: float | None = None):
+  """The matplotlib figure of t2i R@1 against FLOPs, sparse and integrated, each point
+  labelled with its k, with the dense R@1 as a dashed reference line when given."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -109,6 +137,8 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   flops = [r["flops"] for r in curve]
   for key, label in (("sparse_R@1", "sparse"), ("integrated_R@1", "integrated")):
     ax.plot(flops, [r[key] for r in curve], marker="o", label=label)
+  if dense_r1 is not None:  # what the sparse terms are measured against
+    ax.axhline(dense_r1, color="0.4", linestyle="--", label=f"dense ({dense_r1:.1f}, no terms)")
   for r in curve:
     ax.annotate(str(r["k"] or "all"), (r["flops"], r["sparse_R@1"]), fontsize=7,
                 textcoords="offset points", xytext=(3, 3))
@@ -120,9 +150,7 @@ def plot_pruning(curve: Sequence[Mapping[str, Any]], path: pathlib.Path) -> None
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  with atomic.replacing(path) as tmp:
-    fig.savefig(tmp, format="png")
-  plt.close(fig)
+  return fig
 
 
 def html_examples(out: Any, scores: Mapping[str, np.ndarray], cache: Mapping[str, Any],
@@ -168,5 +196,6 @@ def render_html(out: Any, scores: Mapping[str, np.ndarray], cache: Mapping[str, 
                 vocab: Sequence[str], report: Mapping[str, Any]) -> str:
   """report.html: `html_examples` under the split's title, with the report's notes."""
   title = f"JSDS retrieval: {report['split']['dataset']}/{report['split']['name']}"
-  return explain.render_html_report(html_examples(out, scores, cache, vocab), title=title,
-                                    notes=report["notes"])
+  return explain.render_html_report(
+      html_examples(out, scores, cache, vocab), title=title, notes=report["notes"],
+      report=report, pruning_png=pruning_png(report["pruning"], _dense_r1(report)))

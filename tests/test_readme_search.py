@@ -1,0 +1,90 @@
+"""The README's `jsds-search` examples, run against the demo index the README's first command
+builds: each must return the top hit the README shows.
+
+The README shows each command with the start of its output:
+
+  $ jsds-search --index runs/demo/eval --k 3 "a whale"
+  query: a whale
+  ...
+    1. score 21.9146  80  ~/.cache/jsds_jax/data/images/whale.jpg
+"""
+
+import dataclasses
+import pathlib
+import re
+import shlex
+
+import pytest
+
+import testing_utils  # tests/testing_utils.py
+
+_COMMAND = re.compile(r"^\$ (jsds-search .*)$")
+_FIRST_HIT = re.compile(r"^\s+1\. score \S+(?: \(sparse \S+, dense \S+\))?\s+(\S+)\s+(\S+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  query: str
+  k: int
+  rerank: str | None
+  top_id: str
+  top_file: str
+
+
+def readme_examples(readme: pathlib.Path = testing_utils.REPO / "README.md") -> list[Example]:
+  """Every `$ jsds-search ...` line of the README with the first hit shown under it."""
+  lines = readme.read_text().splitlines()
+  examples = []
+  for n, line in enumerate(lines):
+    command = _COMMAND.match(line)
+    if not command:
+      continue
+    args = shlex.split(command.group(1))[1:]
+    flags = {}
+    words = []
+    i = 0
+    while i < len(args):
+      if args[i].startswith("--"):
+        flags[args[i][2:]] = args[i + 1]
+        i += 2
+      else:
+        words.append(args[i])
+        i += 1
+    hit = next((m for m in map(_FIRST_HIT.match, lines[n + 1:n + 8]) if m), None)
+    assert hit, f"README line {n + 1}: no '  1. score ...' line under {line!r}"
+    examples.append(Example(query=" ".join(words), k=int(flags.get("k", 10)),
+                            rerank=flags.get("rerank"), top_id=hit.group(1),
+                            top_file=pathlib.Path(hit.group(2)).name))
+  return examples
+
+
+def mismatches(eval_dir: pathlib.Path) -> list[str]:
+  """The README examples whose top hit on the index in `eval_dir` is not the one shown."""
+  from jsds_jax import search  # pylint: disable=g-import-not-at-top
+  searcher = search.Searcher(eval_dir)
+  wrong = []
+  for ex in readme_examples():
+    hits = searcher.search(ex.query, k=ex.k, rerank=None if ex.rerank == "none" else ex.rerank)
+    got = (hits[0].image_id, pathlib.Path(hits[0].source).name) if hits else None
+    if got != (ex.top_id, ex.top_file):
+      wrong.append(f"{ex.query!r}: README shows {ex.top_id} {ex.top_file}, got {got}")
+  return wrong
+
+
+def test_readme_shows_search_examples_with_their_output():
+  examples = readme_examples()
+  assert len(examples) >= 2
+  assert any(ex.rerank == "dense" for ex in examples)
+  # The demo's test split is pictures of single things: a query names one of them.
+  assert all(ex.top_file.endswith(".jpg") for ex in examples)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_readme_search_examples_return_their_stated_top_hit(tmp_path):
+  """The README's first command (the demo main job, a few minutes), then its search examples."""
+  from jsds_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  config = testing_utils.load_config("demo")
+  config.train.progress = False
+  out = main_lib.run_pipeline(config, tmp_path / "demo")
+  assert mismatches(out["eval_dir"]) == []
