@@ -14,7 +14,7 @@ from jsds_jax import optim
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 PAPER = ("blip_coco", "blip_flickr", "albef_coco", "albef_flickr")
-ALL = PAPER + ("clip_coco", "demo", "tiny")
+ALL = PAPER + ("clip_coco", "demo", "corpus", "tiny")
 
 # DESIGN.md §3: | config | lr | w1 | w2 | λ1 | λ2 | η text | η image |
 TABLE = {

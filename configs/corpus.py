@@ -1,0 +1,39 @@
+"""The large offline config: the `lit` backbone on the ~25,000-picture corpus (data/corpus.py).
+
+  launch/install.sh corpus    # once: the SVG renderer (resvg-py)
+  python -m jsds_jax.main --config configs/corpus.py --workdir runs/corpus
+  python -m jsds_jax.main --config configs/corpus.py --workdir runs/corpus_no_mdi \
+      --config.data.sources=openmoji,twemoji,tabler,lucide,tuxpaint --config.data.test_sources=mdi
+
+Nothing is fetched but six npm packages (~25 MB, `npm pack`) and Debian's
+`tuxpaint-stamps-default` (the demo's pictures, shared with configs/demo.py when data.cache_dir
+is the same). The second command is the cross-source check: train and validate without one
+source, test on that source's test split alone (its features are cached apart, under the
+selection's name).
+
+Sizes (all sources): ~20,000 training pictures with ~34,000 captions, ~2,500 validation and
+~2,500 test pictures with ~4,000 captions each. An epoch visits every training picture once
+with one of its captions, 78 steps of 256; training is sized so that encode + train + eval fit
+in 30 minutes on two CPU cores (see README "The corpus").
+"""
+
+from jsds_jax import config_base
+
+
+def get_config(arg=None):
+  del arg
+  c = config_base.base_config()
+  c.backbone.name = "lit"
+  c.backbone.max_text_len = 32       # the longest tag captions are ~25 tokens
+  c.backbone.image_resize = "pad"    # rendered square already; Tux Paint cut-outs keep edges
+  c.data.name = "corpus"
+  c.encode.batch_size = 64
+  c.encode.num_workers = 4
+  c.train.batch_size = 256
+  c.train.num_epochs = 12
+  c.train.log_every = 78             # once per epoch
+  c.train.eval_every_epochs = 2
+  c.train.patience = 3               # validations, i.e. 6 epochs
+  c.train.checkpoint_every = 312     # every 4 epochs
+  c.train.keep_checkpoints = 2
+  return c
