@@ -314,6 +314,16 @@ def test_select_holds_out_a_source(built):
   assert name == "corpus-openmoji+twemoji+tabler+lucide+tuxpaint-test-mdi"
   records = json.loads(path.read_text())["images"]
   assert all((r["source"] == "mdi") == (r["split"] == "test") for r in records)
+  everything = json.loads(json_path.read_text())["images"]
+  held_out = {r["imgid"] for r in everything if r["source"] == "mdi" and r["split"] != "train"}
+  assert {r["imgid"] for r in records if r["split"] == "test"} == held_out  # val joins test
+  assert len(records) == sum(r["source"] != "mdi" for r in everything) + len(held_out)
+  # A test source that is also trained on keeps its own test split only.
+  path, name = corpus.select(json_path, ("mdi", "tabler"), ("mdi",))
+  assert name == "corpus-tabler+mdi-test-mdi"
+  tested = {r["imgid"] for r in json.loads(path.read_text())["images"] if r["split"] == "test"}
+  assert tested == {r["imgid"] for r in everything if r["source"] == "mdi"
+                    and r["split"] == "test"}
   assert corpus.select(json_path, corpus.ALL_SOURCES, corpus.ALL_SOURCES) == (json_path,
                                                                               "corpus")
   with pytest.raises(corpus.CorpusError, match="no pictures of source.*phosphor"):
