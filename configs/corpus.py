@@ -5,16 +5,19 @@
   python -m jsds_jax.main --config configs/corpus.py --workdir runs/corpus_no_mdi \
       --config.data.sources=openmoji,twemoji,tabler,lucide,tuxpaint --config.data.test_sources=mdi
 
-Nothing is fetched but six npm packages (~25 MB, `npm pack`) and Debian's
+Nothing is fetched but six npm packages (22 MB, `npm pack`) and Debian's
 `tuxpaint-stamps-default` (the demo's pictures, shared with configs/demo.py when data.cache_dir
 is the same). The second command is the cross-source check: train and validate without one
-source, test on that source's test split alone (its features are cached apart, under the
-selection's name).
+source, test on that source alone: its val and test pictures, whose concepts no training split
+holds (its features are cached apart, under the selection's name).
 
 Sizes (all sources): ~20,000 training pictures with ~34,000 captions, ~2,500 validation and
 ~2,500 test pictures with ~4,000 captions each. An epoch visits every training picture once
-with one of its captions, 78 steps of 256; training is sized so that encode + train + eval fit
-in 30 minutes on two CPU cores (see README "The corpus").
+with one of its captions, 76 steps of 256; training is sized so that encode + train + eval fit
+in 30 minutes on two free CPU cores, from CPU time measured on the shared machine (not a wall
+clock on a free one, see README "Data"): encode ~52 ms of CPU per picture and ~14 ms per
+caption (about 16 min for the corpus on two cores), a training step of 256 ~1.2 s of CPU
+(608 steps, about 6 min, plus 4 validations).
 """
 
 from jsds_jax import config_base
@@ -30,10 +33,10 @@ def get_config(arg=None):
   c.encode.batch_size = 64
   c.encode.num_workers = 4
   c.train.batch_size = 256
-  c.train.num_epochs = 12
-  c.train.log_every = 78             # once per epoch
+  c.train.num_epochs = 8             # 608 steps: ~0.6 s each on two free cores
+  c.train.log_every = 76             # once per epoch
   c.train.eval_every_epochs = 2
-  c.train.patience = 3               # validations, i.e. 6 epochs
-  c.train.checkpoint_every = 312     # every 4 epochs
+  c.train.patience = 4               # validations: no early stop within the 8 epochs
+  c.train.checkpoint_every = 304     # every 4 epochs
   c.train.keep_checkpoints = 2
   return c
