@@ -2,6 +2,7 @@
 
   launch/install.sh corpus    # once: the SVG renderer (resvg-py)
   python -m jsds_jax.main --config configs/corpus.py --workdir runs/corpus
+  python -m jsds_jax.main --config configs/corpus.py:runlocal --workdir runs/corpus_smoke
   python -m jsds_jax.main --config configs/corpus.py --workdir runs/corpus_no_mdi \
       --config.data.sources=openmoji,twemoji,tabler,lucide,tuxpaint --config.data.test_sources=mdi
 
@@ -24,7 +25,9 @@ from jsds_jax import config_base
 
 
 def get_config(arg=None):
-  del arg
+  """`arg`: "" (the run above) or "runlocal" (a smoke run: the lucide source, two epochs)."""
+  if arg not in (None, "", "runlocal"):
+    raise ValueError(f"unknown config arg {arg!r}: use '' or 'runlocal'")
   c = config_base.base_config()
   c.backbone.name = "lit"
   c.backbone.max_text_len = 32       # the longest tag captions are ~25 tokens
@@ -39,4 +42,9 @@ def get_config(arg=None):
   c.train.patience = 4               # validations: no early stop within the 8 epochs
   c.train.checkpoint_every = 304     # every 4 epochs
   c.train.keep_checkpoints = 2
+  if arg == "runlocal":
+    c.data.sources = "lucide"        # 1,908 pictures, 6 steps per epoch
+    c.train.num_epochs = 2
+    c.train.log_every = 6
+    c.train.eval_every_epochs = 1
   return c

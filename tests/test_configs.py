@@ -119,3 +119,11 @@ def test_runlocal_is_small_and_the_optimizer_builds(name):
   optim.make_optimizer(c.train, total_steps=10)
   with pytest.raises(ValueError, match="runlocal"):
     _load(name, "run_local")
+
+
+def test_corpus_runlocal_is_one_small_source():
+  c, small = _load("corpus"), _load("corpus", "runlocal")
+  assert (c.data.name, c.data.sources, small.data.sources) == ("corpus", "", "lucide")
+  assert small.train.num_epochs < c.train.num_epochs
+  with pytest.raises(ValueError, match="runlocal"):
+    _load("corpus", "run_local")

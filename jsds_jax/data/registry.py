@@ -19,7 +19,7 @@ attributes), by `name`:
     cache_dir         where the package, images and JSON go (default "cache/demo")
     skip_bad          (default False)
   name="corpus"     ~25,000 captioned emoji / icon pictures from npm + the Tux Paint stamps
-                    (data/corpus.py), built on first use (~50 MB of npm packages + the demo's)
+                    (data/corpus.py), built on first use (22 MB of npm packages + the demo's)
     cache_dir         the demo's folder (Tux Paint is taken from there, built if absent); the
                       corpus goes to <cache_dir>/corpus (default "cache/demo")
     sources           sources for train and val, "openmoji,twemoji,..." or a list (default:
