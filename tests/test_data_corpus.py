@@ -362,3 +362,17 @@ def test_npm_package_errors(tmp_path, monkeypatch):
   (tmp_path / "x.tgz").write_bytes(b"not gzip")
   with pytest.raises(npm_package.PackageError, match="x.tgz is not a readable npm tarball"):
     npm_package.read_files(tmp_path / "x.tgz", lambda path: True)
+
+
+def test_missing_renderer_says_how_to_install(monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  real_import = builtins.__import__
+
+  def no_resvg(name, *args, **kwargs):
+    if name == "resvg_py":
+      raise ImportError("No module named 'resvg_py'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_resvg)
+  with pytest.raises(svg_render.MissingRendererError, match=r"jsds-jax\[corpus\]"):
+    svg_render.render_svg(_svg("#000000"), 16, "x")
