@@ -121,6 +121,9 @@ def _tabler_files():
           "icons/outline/unlisted.svg": _circle("#000000", 3).encode()}
 
 
+GLYPHS = 30
+
+
 def _mdi_files():
   meta = [
       {"id": "A", "baseIconId": "A", "name": "account", "aliases": ["user", "person"],
@@ -129,7 +132,12 @@ def _mdi_files():
       {"id": "C", "baseIconId": "C", "name": "heart-pulse", "aliases": [], "tags": []},
       {"id": "D", "baseIconId": "D", "name": "heart-copy", "aliases": [], "tags": []},
   ]
+  # Enough plain icons that every split has some (the named ones above all hash to train).
+  glyphs = {f"glyph-{k}": _svg(f"#{k:02x}0000") for k in range(GLYPHS)}
+  meta += [{"id": name, "baseIconId": name, "name": name, "aliases": [], "tags": []}
+           for name in glyphs]
   return {"meta.json": json.dumps(meta).encode(),
+          **{f"svg/{name}.svg": svg.encode() for name, svg in glyphs.items()},
           "svg/account.svg": _circle("#111111", 7).encode(),
           "svg/account-outline.svg": _circle("#111111", 6).encode(),
           "svg/heart-pulse.svg": _circle("#111111", 4).encode(),
@@ -272,7 +280,8 @@ def test_build_corpus(built):
   records = data["images"]
   assert data["dataset"] == "corpus"
   ids = [r["imgid"] for r in records]
-  assert len(ids) == len(set(ids)) == 3 + 4 + 3 + 3 + 2 + 2
+  assert len(ids) == len(set(ids)) == 3 + 4 + 3 + (3 + GLYPHS) + 2 + 2
+  assert {r["split"] for r in records} == {"train", "val", "test"}
   assert "openmoji/1F44B-1F3FB" in ids and "tuxpaint/animals/frog" in ids
   by_concept = {}
   for r in records:
@@ -290,7 +299,7 @@ def test_build_corpus(built):
 
   report = json.loads((cache / "corpus" / corpus.REPORT_NAME).read_text())
   assert report["sources"]["mdi"]["license"] == "Apache-2.0"
-  assert report["sources"]["mdi"]["images"] == 3
+  assert report["sources"]["mdi"]["images"] == 3 + GLYPHS
   left_out = report["left_out"]
   assert "mdi heart-pulse: the same SVG as heart-copy" in left_out["mdi"]
   assert any(b.startswith("cannot render SVG lucide bad") for b in left_out["lucide"])
@@ -316,6 +325,8 @@ def test_select_holds_out_a_source(built):
   assert all((r["source"] == "mdi") == (r["split"] == "test") for r in records)
   everything = json.loads(json_path.read_text())["images"]
   held_out = {r["imgid"] for r in everything if r["source"] == "mdi" and r["split"] != "train"}
+  assert len(held_out) >= 4 and {r["split"] for r in everything if r["imgid"] in held_out} == {
+      "val", "test"}
   assert {r["imgid"] for r in records if r["split"] == "test"} == held_out  # val joins test
   assert len(records) == sum(r["source"] != "mdi" for r in everything) + len(held_out)
   # A test source that is also trained on keeps its own test split only.
@@ -326,6 +337,15 @@ def test_select_holds_out_a_source(built):
                     and r["split"] == "test"}
   assert corpus.select(json_path, corpus.ALL_SOURCES, corpus.ALL_SOURCES) == (json_path,
                                                                               "corpus")
+  # A test cap keeps a fixed hash-chosen subset of the test pictures, and nothing else changes.
+  path, name = corpus.select(json_path, train_sources, ("mdi",), max_test_images=2)
+  assert name == "corpus-openmoji+twemoji+tabler+lucide+tuxpaint-test-mdi-2test"
+  capped = json.loads(path.read_text())["images"]
+  capped_test = sorted(r["imgid"] for r in capped if r["split"] == "test")
+  assert len(capped_test) == 2 and set(capped_test) <= held_out
+  first_two = sorted(held_out, key=corpus._hash_rank)[:2]  # pylint: disable=protected-access
+  assert capped_test == sorted(first_two)
+  assert len(capped) == len(records) - len(held_out) + 2
   with pytest.raises(corpus.CorpusError, match="no pictures of source.*phosphor"):
     corpus.select(json_path, ("phosphor",), ("phosphor",))
 
@@ -333,20 +353,28 @@ def test_select_holds_out_a_source(built):
 def test_registry_and_cache_names(built):
   cache, _ = built
   config = ml_collections.ConfigDict({"name": "corpus", "cache_dir": str(cache),
-                                      "sources": "", "test_sources": ""})
+                                      "sources": "", "test_sources": "",
+                                      "max_test_images": 0})
   splits = {}
   for split in ("train", "val", "test"):
     try:
       splits[split] = registry.load_split(config, split)
     except ValueError:  # a tiny fixture may leave a split empty
       continue
-  assert sum(s.num_images for s in splits.values()) == 17
+  assert sum(s.num_images for s in splits.values()) == 17 + GLYPHS
+  assert set(splits) == {"train", "val", "test"}
   assert {s.dataset for s in splits.values()} == {"corpus"}
   assert encode.dataset_key(config) == "corpus"
   some = next(iter(splits.values()))
   assert some.load_image(0).dtype == np.uint8
   config.sources, config.test_sources = "mdi, tabler", "lucide"
   assert encode.dataset_key(config) == "corpus-tabler+mdi-test-lucide"
+  config.max_test_images = 5
+  assert encode.dataset_key(config) == "corpus-tabler+mdi-test-lucide-5test"
+  config.max_test_images = -1
+  with pytest.raises(ValueError, match="data.max_test_images=-1"):
+    registry.load_split(config, "train")
+  config.max_test_images = 0
   config.sources = "mdi,nope"
   with pytest.raises(ValueError, match="data.sources='mdi,nope': unknown source.*nope"):
     registry.load_split(config, "train")

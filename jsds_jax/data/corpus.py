@@ -258,8 +258,10 @@ def parse_sources(value: str | Sequence[str] | None, field: str,
   return tuple(n for n in available if n in names)  # one order: the same selection, one name
 
 
-def selection_name(sources: Sequence[str], test_sources: Sequence[str]) -> str:
-  """The dataset name of a selection: "corpus" for every source, else it names the sources.
+def selection_name(sources: Sequence[str], test_sources: Sequence[str],
+                   max_test_images: int = 0) -> str:
+  """The dataset name of a selection: "corpus" for every source, else it names the sources
+  (and the test cap, if any).
 
   It is also the feature cache's folder name (encode.dataset_key), so two selections never
   share cached features.
@@ -267,28 +269,35 @@ def selection_name(sources: Sequence[str], test_sources: Sequence[str]) -> str:
   order = {name: k for k, name in enumerate(ALL_SOURCES)}
   sources = sorted(sources, key=lambda n: (order.get(n, len(order)), n))
   test_sources = sorted(test_sources, key=lambda n: (order.get(n, len(order)), n))
-  if tuple(sources) == ALL_SOURCES and tuple(test_sources) == ALL_SOURCES:
-    return DATASET
-  name = f"{DATASET}-{'+'.join(sources)}"
+  everything = tuple(sources) == ALL_SOURCES and tuple(test_sources) == ALL_SOURCES
+  name = DATASET if everything else f"{DATASET}-{'+'.join(sources)}"
   if tuple(test_sources) != tuple(sources):
     name += f"-test-{'+'.join(test_sources)}"
+  if max_test_images:
+    name += f"-{max_test_images}test"
   return name
 
 
+def _hash_rank(image_id: str) -> bytes:
+  return hashlib.sha256(image_id.encode("utf-8")).digest()
+
+
 def select(corpus_json: str | os.PathLike, sources: Sequence[str],
-           test_sources: Sequence[str]) -> tuple[pathlib.Path, str]:
+           test_sources: Sequence[str], max_test_images: int = 0) -> tuple[pathlib.Path, str]:
   """(Karpathy JSON, dataset name) of the corpus restricted to `sources` for train and val and
   to `test_sources` for test; written once beside the corpus (the image root stays the same).
 
   A test source that is not among `sources` (the cross-source check) is tested on its val and
   test pictures together: none of them is trained or validated on, and their concepts are in
-  no training split of any source.
+  no training split of any source. `max_test_images` > 0 keeps that many test pictures, those
+  first in the order of a hash of their ids (the same ones whatever else the corpus holds), so a
+  retrieval score compares across selections at a fixed number of candidates.
 
   Raises:
     CorpusError: the corpus has no picture of a requested source.
   """
   corpus_json = pathlib.Path(corpus_json)
-  name = selection_name(sources, test_sources)
+  name = selection_name(sources, test_sources, max_test_images)
   path = corpus_json.parent / SELECTIONS_DIR / f"{name}.json"
   if path.is_file() and path.stat().st_mtime >= corpus_json.stat().st_mtime:
     return path, name
@@ -309,5 +318,9 @@ def select(corpus_json: str | os.PathLike, sources: Sequence[str],
       kept.append({**record, "split": "test"})
     elif record["source"] in (test_sources if record["split"] == "test" else sources):
       kept.append(record)
+  if max_test_images:
+    test_ids = sorted((r["imgid"] for r in kept if r["split"] == "test"), key=_hash_rank)
+    chosen = set(test_ids[:max_test_images])
+    kept = [r for r in kept if r["split"] != "test" or r["imgid"] in chosen]
   write_karpathy(path, kept, dataset=name)
   return path, name

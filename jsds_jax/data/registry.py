@@ -26,6 +26,7 @@ attributes), by `name`:
                       all of openmoji, twemoji, tabler, mdi, lucide, tuxpaint)
     test_sources      sources for test (default: `sources`); e.g. sources without one source
                       and test_sources that source alone is the cross-source check
+    max_test_images   keep this many test pictures, a fixed hash-chosen subset (default 0: all)
     skip_bad          (default False)
   name="synthetic"  generated coloured shapes (tests, smoke runs), made on first use
     cache_dir         parent folder (default "cache/synthetic"); each parameter set gets its
@@ -80,9 +81,17 @@ def corpus_selection(data_config: Any) -> tuple[tuple[str, ...], tuple[str, ...]
   return sources, (corpus.parse_sources(test_sources, "test_sources") if test_sources else sources)
 
 
+def _max_test_images(data_config: Any) -> int:
+  value = _get(data_config, "max_test_images", 0)
+  if not isinstance(value, int) or value < 0:
+    raise ValueError(f"data.max_test_images={value!r}: give a number of test pictures >= 0 "
+                     "(0 keeps them all)")
+  return value
+
+
 def corpus_dataset_name(data_config: Any) -> str:
   """The dataset (and feature cache folder) name of a name="corpus" config's selection."""
-  return corpus.selection_name(*corpus_selection(data_config))
+  return corpus.selection_name(*corpus_selection(data_config), _max_test_images(data_config))
 
 
 def corpus_json(data_config: Any) -> tuple[pathlib.Path, pathlib.Path, str]:
@@ -90,7 +99,8 @@ def corpus_json(data_config: Any) -> tuple[pathlib.Path, pathlib.Path, str]:
   sources, test_sources = corpus_selection(data_config)
   cache_dir = pathlib.Path(_get(data_config, "cache_dir", "cache/demo")).expanduser()
   full_json = corpus.build_corpus(cache_dir / "corpus", tuxpaint_cache=cache_dir)
-  json_path, dataset = corpus.select(full_json, sources, test_sources)
+  json_path, dataset = corpus.select(full_json, sources, test_sources,
+                                     _max_test_images(data_config))
   return json_path, corpus.corpus_paths(cache_dir / "corpus")[1], dataset
 
 
