@@ -185,7 +185,8 @@ def build_corpus(corpus_dir: str | os.PathLike, tuxpaint_cache: str | os.PathLik
     tuxpaint_cache: where the demo data is (or is built, see demo_tuxpaint.build_demo); None
       leaves Tux Paint out.
     sources: the SVG sources; default all of `SVG_SOURCES`.
-    image_size: side of the rendered squares.
+    image_size: side of the rendered squares. Pictures already rendered are reused whatever
+      their size, so a different size needs a fresh `corpus_dir`.
     verbose: progress bars and a summary.
 
   Returns:
