@@ -33,6 +33,8 @@ setuptools.setup(
         # Parity tests run our Flax towers against the Hugging Face PyTorch models (CPU build).
         # The approximate index backend (jsds_jax/index/seismic_backend.py).
         "seismic": ["pyseismic-lsr"],
+        # The offline corpus (jsds_jax/data/corpus.py) renders SVG pictures with resvg.
+        "corpus": ["resvg-py==0.5.0"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -40,6 +42,7 @@ setuptools.setup(
             "scikit-image",
             "pyyaml",  # timm's, which launch/install.sh installs with --no-deps
             "pyseismic-lsr",
+            "resvg-py==0.5.0",  # tests/test_data_corpus.py renders its fixtures
         ],
     },
     entry_points={

@@ -59,11 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Where images and captions come from (jsds_jax/data/registry.py).
   c.data = ml_collections.ConfigDict()
-  c.data.name = "demo"            # karpathy | coco_tfds | demo | synthetic
+  c.data.name = "demo"            # karpathy | coco_tfds | demo | corpus | synthetic
   c.data.json = ""                # karpathy: the split JSON
   c.data.image_root = ""          # karpathy: the folder image paths are relative to
   c.data.data_dir = ""            # coco_tfds: tfds data_dir ("" = tfds default)
-  c.data.cache_dir = "~/.cache/jsds_jax/data"  # demo / synthetic: where they are built
+  c.data.cache_dir = "~/.cache/jsds_jax/data"  # demo / corpus / synthetic: where they are built
+  c.data.sources = ""             # corpus: train/val sources, "openmoji,mdi" ("" = all)
+  c.data.test_sources = ""        # corpus: test sources ("" = data.sources)
+  c.data.max_test_images = 0      # corpus: a fixed subset of this many test pictures (0 = all)
   c.data.dataset = ""             # karpathy: name recorded in caches ("" = the file's field)
   c.data.include_restval = True   # karpathy COCO / coco_tfds: "train" takes restval too
   c.data.download = False         # coco_tfds: let tfds download and prepare it

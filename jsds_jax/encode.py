@@ -103,7 +103,10 @@ def tail_init_path(config: ml_collections.ConfigDict,
 
 
 def dataset_key(data: ml_collections.ConfigDict) -> str:
-  """The cache folder name of a dataset: Karpathy files are told apart by their JSON path."""
+  """The cache folder name of a dataset: Karpathy files are told apart by their JSON path, corpus
+  selections by their sources."""
+  if data.name == "corpus":
+    return registry.corpus_dataset_name(data)
   if data.name != "karpathy":
     return data.name
   path = pathlib.Path(data.json).expanduser().resolve()

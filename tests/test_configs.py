@@ -14,7 +14,7 @@ from jsds_jax import optim
 
 _CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 PAPER = ("blip_coco", "blip_flickr", "albef_coco", "albef_flickr")
-ALL = PAPER + ("clip_coco", "demo", "tiny")
+ALL = PAPER + ("clip_coco", "demo", "corpus", "tiny")
 
 # DESIGN.md §3: | config | lr | w1 | w2 | λ1 | λ2 | η text | η image |
 TABLE = {
@@ -170,3 +170,9 @@ def test_every_config_honours_or_refuses_its_arg():
   assert (args.runlocal, args.epochs, args.name) == (True, 3, "x")
   with pytest.raises(ValueError, match="not a int"):
     config_base.parse_arg("epochs=three", epochs=1)
+def test_corpus_runlocal_is_one_small_source():
+  c, small = _load("corpus"), _load("corpus", "runlocal")
+  assert (c.data.name, c.data.sources, small.data.sources) == ("corpus", "", "lucide")
+  assert small.train.num_epochs < c.train.num_epochs
+  with pytest.raises(ValueError, match="takes runlocal"):
+    _load("corpus", "run_local")

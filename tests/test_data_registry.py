@@ -33,7 +33,7 @@ def test_karpathy_from_a_dict(tmp_path):
 
 def test_unknown_name_and_missing_fields_are_explained(tmp_path):
   with pytest.raises(ValueError, match="unknown data source name='cifar'.*karpathy, coco_tfds, "
-                                       "demo, synthetic"):
+                                       "demo, corpus, synthetic"):
     registry.load_split({"name": "cifar"}, "train")
   with pytest.raises(ValueError, match="name='karpathy' needs the field 'image_root'"):
     registry.load_split({"name": "karpathy", "json": str(tmp_path / "x.json")}, "train")

@@ -1,1 +1,1 @@
-"""Datasets (Karpathy JSON, tfds coco_captions, demo, synthetic) and the feature cache."""
+"""Datasets (Karpathy JSON, tfds coco_captions, demo, corpus, synthetic) and the feature cache."""

@@ -18,6 +18,16 @@ attributes), by `name`:
   name="demo"       Tux Paint stamps from Debian, built on first use (about 160 MB download)
     cache_dir         where the package, images and JSON go (default "cache/demo")
     skip_bad          (default False)
+  name="corpus"     ~25,000 captioned emoji / icon pictures from npm + the Tux Paint stamps
+                    (data/corpus.py), built on first use (22 MB of npm packages + the demo's)
+    cache_dir         the demo's folder (Tux Paint is taken from there, built if absent); the
+                      corpus goes to <cache_dir>/corpus (default "cache/demo")
+    sources           sources for train and val, "openmoji,twemoji,..." or a list (default:
+                      all of openmoji, twemoji, tabler, mdi, lucide, tuxpaint)
+    test_sources      sources for test (default: `sources`); e.g. sources without one source
+                      and test_sources that source alone is the cross-source check
+    max_test_images   keep this many test pictures, a fixed hash-chosen subset (default 0: all)
+    skip_bad          (default False)
   name="synthetic"  generated coloured shapes (tests, smoke runs), made on first use
     cache_dir         parent folder (default "cache/synthetic"); each parameter set gets its
                       own subfolder, so changing one never reads stale files
@@ -29,12 +39,13 @@ import pathlib
 from typing import Any
 
 from jsds_jax.data import coco_tfds
+from jsds_jax.data import corpus
 from jsds_jax.data import demo_tuxpaint
 from jsds_jax.data import karpathy
 from jsds_jax.data import synthetic
 from jsds_jax.data.split import RetrievalSplit
 
-NAMES = ("karpathy", "coco_tfds", "demo", "synthetic")
+NAMES = ("karpathy", "coco_tfds", "demo", "corpus", "synthetic")
 _REQUIRED = object()
 
 
@@ -63,6 +74,36 @@ def synthetic_json(data_config: Any) -> pathlib.Path:
   return json_path
 
 
+def corpus_selection(data_config: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(sources, test_sources) of a name="corpus" config, checked."""
+  sources = corpus.parse_sources(_get(data_config, "sources", None), "sources")
+  test_sources = _get(data_config, "test_sources", None)
+  return sources, (corpus.parse_sources(test_sources, "test_sources") if test_sources else sources)
+
+
+def _max_test_images(data_config: Any) -> int:
+  value = _get(data_config, "max_test_images", 0)
+  if not isinstance(value, int) or value < 0:
+    raise ValueError(f"data.max_test_images={value!r}: give a number of test pictures >= 0 "
+                     "(0 keeps them all)")
+  return value
+
+
+def corpus_dataset_name(data_config: Any) -> str:
+  """The dataset (and feature cache folder) name of a name="corpus" config's selection."""
+  return corpus.selection_name(*corpus_selection(data_config), _max_test_images(data_config))
+
+
+def corpus_json(data_config: Any) -> tuple[pathlib.Path, pathlib.Path, str]:
+  """(Karpathy JSON, image root, dataset name) of a name="corpus" config, built if absent."""
+  sources, test_sources = corpus_selection(data_config)
+  cache_dir = pathlib.Path(_get(data_config, "cache_dir", "cache/demo")).expanduser()
+  full_json = corpus.build_corpus(cache_dir / "corpus", tuxpaint_cache=cache_dir)
+  json_path, dataset = corpus.select(full_json, sources, test_sources,
+                                     _max_test_images(data_config))
+  return json_path, corpus.corpus_paths(cache_dir / "corpus")[1], dataset
+
+
 def load_split(data_config: Any, split: str) -> RetrievalSplit:
   """Loads `split` ("train", "val", "test", ...) of the dataset `data_config` describes."""
   name = _get(data_config, "name")
@@ -84,6 +125,10 @@ def load_split(data_config: Any, split: str) -> RetrievalSplit:
     json_path = demo_tuxpaint.build_demo(cache_dir)
     return karpathy.load_karpathy(json_path, demo_tuxpaint.demo_paths(cache_dir)[1], split,
                                   dataset_name=demo_tuxpaint.DATASET, skip_bad=skip_bad)
+  if name == "corpus":
+    json_path, image_root, dataset = corpus_json(data_config)
+    return karpathy.load_karpathy(json_path, image_root, split, dataset_name=dataset,
+                                  skip_bad=skip_bad)
   if name == "synthetic":
     json_path = synthetic_json(data_config)
     return karpathy.load_karpathy(json_path, json_path.parent / synthetic.IMAGES_DIR, split,
