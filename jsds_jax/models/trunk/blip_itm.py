@@ -243,5 +243,5 @@ def random_itm_params(config: bert.BertConfig, image_width: int, seed: int = 0) 
   """Random `BlipItm` params (float32 numpy), for benchmarks and tests."""
   ids = jnp.zeros((1, 2), jnp.int32)
   image = jnp.zeros((1, 1, image_width), jnp.float32)
-  init = jax.jit(BlipItm(config).init)
+  init = jax.jit(BlipItm(config, enc_token_id=None).init)
   return jax.tree_util.tree_map(np.asarray, init(jax.random.key(seed), ids, ids, image)["params"])

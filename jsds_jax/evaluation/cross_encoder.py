@@ -1,0 +1,175 @@
+"""The cross-encoder stage: rescore each query's top k' candidates with BLIP's ITM head.
+
+BLIP's own retrieval (salesforce/BLIP `train_retrieval.py`, `evaluation()`) takes, per query,
+the top k by ITC similarity (k = 256 on COCO, 128 on Flickr30k) and ranks them by
+
+  final = ITM match logit + ITC similarity        (`logit_only`: the logit alone)
+
+while every other candidate stays below them. BLIP fills those with -100; here they keep the
+first stage's order beneath the k' rescored ones (shifted below the lowest final score), so a
+recall at K > k' still counts the first stage's ranking rather than arbitrary ties.
+
+The stage is split in three so each part is testable on its own:
+
+  * `top_candidates`: the first stage's top k' per query (pure numpy),
+  * `rescore`: the final score matrix from the cross-encoder's logits (pure numpy),
+  * `rerank`: the two around a `logit_fn(queries, candidates) -> logits` callback, called on a
+    few queries at a time; `blip_logit_fn` builds that callback for BLIP's ITM from a feature
+    cache (caption token ids and the image tokens `encode.image_tokens` stores).
+
+Score matrices are rows = queries, columns = candidates. For the project's (captions, images)
+matrices that is text→image as is; image→text reranks the transpose.
+"""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LogitFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankSettings:
+  """How the cross-encoder stage rescores.
+
+  Attributes:
+    k: candidates rescored per query (k'); BLIP uses 256 on COCO, 128 on Flickr30k.
+    logit_only: final score = the ITM match logit alone, instead of logit + ITC similarity.
+    queries_per_call: queries whose k candidates go to the device together.
+  """
+
+  k: int = 128
+  logit_only: bool = False
+  queries_per_call: int = 1
+
+  def __post_init__(self):
+    if self.k < 1 or self.queries_per_call < 1:
+      raise ValueError(f"k ({self.k}) and queries_per_call ({self.queries_per_call}) must be "
+                       "at least 1")
+
+
+def top_candidates(scores: np.ndarray, k: int) -> np.ndarray:
+  """Each query's k best candidates, best first.
+
+  Args:
+    scores: (Q, N) first-stage scores.
+    k: how many (clipped to N).
+
+  Returns:
+    (Q, min(k, N)) int64 candidate columns, in descending score order (ties: lower column
+    first).
+  """
+  scores = np.asarray(scores)
+  k = min(int(k), scores.shape[1])
+  # Stable sort of the negated scores: equal scores keep column order, the same every run.
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+def rescore(first: np.ndarray, candidates: np.ndarray, logits: np.ndarray,
+            itc: np.ndarray | None = None, logit_only: bool = False) -> np.ndarray:
+  """The reranked score matrix.
+
+  Args:
+    first: (Q, N) the first stage's scores (they order everything outside the candidates).
+    candidates: (Q, k) the rescored candidates of each query (`top_candidates`).
+    logits: (Q, k) the cross-encoder's match logit of each (query, candidate) pair.
+    itc: (Q, N) the similarity added to the logit (BLIP: its ITC cosine); None = `first`.
+    logit_only: the final score is the logit alone.
+
+  Returns:
+    (Q, N) float64: at the candidates logit (+ itc), elsewhere the first stage's scores shifted
+    so that the row's best non-candidate sits 1 below its worst candidate.
+  """
+  first = np.asarray(first, np.float64)
+  candidates = np.asarray(candidates)
+  logits = np.asarray(logits, np.float64)
+  if candidates.shape != logits.shape or candidates.shape[0] != first.shape[0]:
+    raise ValueError(f"candidates {candidates.shape} and logits {logits.shape} must both be "
+                     f"(Q, k) with Q = {first.shape[0]}")
+  rows = np.arange(first.shape[0])[:, None]
+  final = logits
+  if not logit_only:
+    final = final + np.asarray(first if itc is None else itc, np.float64)[rows, candidates]
+  picked = np.zeros(first.shape, bool)
+  picked[rows, candidates] = True
+  rest_max = np.where(picked, -np.inf, first).max(axis=1, keepdims=True)
+  shift = np.where(np.isfinite(rest_max), final.min(axis=1, keepdims=True) - 1.0 - rest_max, 0.0)
+  out = first + shift
+  out[rows, candidates] = final
+  return out
+
+
+def rerank(first: np.ndarray, logit_fn: LogitFn, settings: RerankSettings,
+           itc: np.ndarray | None = None) -> np.ndarray:
+  """Rescores every query's top `settings.k` candidates with a cross-encoder.
+
+  Args:
+    first: (Q, N) first-stage scores.
+    logit_fn: (queries (b,), candidates (b, k)) -> (b, k) match logits.
+    settings: k', logit_only, queries per call.
+    itc: (Q, N) what is added to the logit; None = `first`.
+
+  Returns:
+    (Q, N) reranked scores (`rescore`).
+  """
+  candidates = top_candidates(first, settings.k)
+  logits = np.empty(candidates.shape, np.float64)
+  for start in range(0, candidates.shape[0], settings.queries_per_call):
+    queries = np.arange(start, min(start + settings.queries_per_call, candidates.shape[0]))
+    logits[queries] = np.asarray(logit_fn(queries, candidates[queries]), np.float64)
+  return rescore(first, candidates, logits, itc, settings.logit_only)
+
+
+def caption_inputs(token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The cache's caption token ids (-1 at padding) -> (input_ids, attention_mask) int32."""
+  token_ids = np.asarray(token_ids)
+  return np.maximum(token_ids, 0).astype(np.int32), (token_ids >= 0).astype(np.int32)
+
+
+def blip_logit_fn(module: Any, params: Mapping[str, Any], token_ids: np.ndarray,
+                  image_tokens: np.ndarray, direction: str) -> LogitFn:
+  """BLIP's ITM match logits as a `rerank` callback over a feature cache.
+
+  Args:
+    module: a `BlipItm` (jsds_jax/models/trunk/blip_itm.py).
+    params: its params.
+    token_ids: (N_captions, L) the cache's `text_token_ids` (-1 at padding).
+    image_tokens: (N_images, S, D) the cache's `image_tokens` (bf16, memory-mapped: only the
+      rows a call needs are read).
+    direction: "t2i" (queries are captions, candidates images) or "i2t" (the reverse: one
+      image's tokens are shared by its k captions, so they are sent once).
+
+  Returns:
+    logit_fn(queries (b,), candidates (b, k)) -> (b, k) float32.
+  """
+  if direction not in ("t2i", "i2t"):
+    raise ValueError(f"direction must be 't2i' or 'i2t', got {direction!r}")
+  ids, mask = caption_inputs(token_ids)
+
+  @jax.jit
+  def logits(params, ids, mask, images):
+    return module.apply({"params": params}, ids, mask, images)[:, 1]
+
+  def image_rows(rows: np.ndarray) -> jax.Array:
+    # Sorted reads from the memory map, then put back in the asked order.
+    order = np.argsort(rows, kind="stable")
+    got = np.asarray(image_tokens[rows[order]], np.float32)
+    return jnp.asarray(got[np.argsort(order, kind="stable")])
+
+  def fn(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    queries, candidates = np.asarray(queries), np.asarray(candidates)
+    b, k = candidates.shape
+    if direction == "t2i":
+      caps = np.repeat(queries, k)
+      images = image_rows(candidates.reshape(-1))
+    else:
+      caps = candidates.reshape(-1)
+      # One image: its (1, S, D) tokens are shared inside the module (projected once).
+      images = image_rows(queries if b == 1 else np.repeat(queries, k))
+    return np.asarray(logits(params, ids[caps], mask[caps], images)).reshape(b, k)
+
+  return fn
