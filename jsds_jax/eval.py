@@ -427,7 +427,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
              split_dir: str | os.PathLike, out_dir: str | os.PathLike,
              meta: Mapping[str, Any] | None = None, *, backbone: Any = None,
              checkpoint: str = "", html_report: bool = True, write_index: bool = True,
-             batch_size: int = 1024) -> dict[str, Any]:
+             batch_size: int = 1024, cross_encoder: Any = None) -> dict[str, Any]:
   """Evaluates a tail on one split's feature cache and writes the report files to `out_dir`.
 
   Args:
@@ -443,6 +443,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     html_report: also write report.html.
     write_index: also write the index and the search files.
     batch_size: rows per device call when applying the tail.
+    cross_encoder: None, or (BlipItm module, its params, `cross_encoder.RerankSettings`): adds
+      the lines "<first stage>+itm" (each first stage's top k' rescored by BLIP's ITM); the
+      cache must hold `image_tokens`.
 
   Returns:
     The report (what report.json holds).
@@ -486,6 +489,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     notes.append(f"no zero-shot reference: backbone {cache['meta'].get('backbone')!r} has no "
                  "projections of its own" if tail_init is not None else
                  "no zero-shot reference: no tail_init beside the cache")
+  if cross_encoder is not None:
+    per_kind.update(_itm_lines(scores, zs, cache, cross_encoder))
   report: dict[str, Any] = {
       "t2i": {kind: m["t2i"] for kind, m in per_kind.items()},
       "i2t": {kind: m["i2t"] for kind, m in per_kind.items()},
@@ -515,6 +520,18 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   return report
 
 
+def _itm_lines(scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
+               cache: Mapping[str, Any], cross_encoder: Any) -> dict[str, dict]:
+  """The "+itm" lines: every first stage and BLIP's own ITC (zero_shot) reranked by ITM."""
+  from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+  module, params, settings = cross_encoder
+  if "image_tokens" not in cache or zero_shot is None:
+    raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
+                    "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
+  first = {**{k: scores[k] for k in KINDS}, "zero_shot": zero_shot}
+  return ce.itm_lines(first, zero_shot, cache, module, params, settings)
+
+
 def find_or_build_cache(config: ml_collections.ConfigDict, split: str,
                         backbone: Any) -> pathlib.Path:
   """The split's cache for this config (as `encode` names it), encoded first if missing.
@@ -542,7 +559,8 @@ def find_or_build_cache(config: ml_collections.ConfigDict, split: str,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
                         out_dir: str | os.PathLike, split: str = "test", *,
-                        html_report: bool = True, batch_size: int = 1024) -> dict[str, Any]:
+                        html_report: bool = True, batch_size: int = 1024, rerank: str = "",
+                        rerank_k: int = 128, rerank_logit_only: bool = False) -> dict[str, Any]:
   """What `jsds-eval` does: load a checkpoint, find (or build) the split's cache, evaluate.
 
   Args:
@@ -552,6 +570,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     split: the split of `config.data` to evaluate.
     html_report: also write report.html.
     batch_size: rows per device call when applying the tail.
+    rerank: "" or "itm" (BLIP's cross-encoder over each first stage's top `rerank_k`; final
+      score ITM logit + ITC similarity, or the logit alone with `rerank_logit_only`).
 
   Raises:
     EvalError: the checkpoint is from another backbone / vocabulary / feature width than the
@@ -570,22 +590,41 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     config = ml_collections.ConfigDict(config.to_dict())
     config.encode.last_block = True
     logging.info("the checkpoint trains last blocks: using the encode.last_block=True cache")
+  itm = None
+  if rerank:
+    if rerank != "itm":
+      raise EvalError(f"--rerank={rerank!r}: only 'itm' is available")
+    if backbone.name != "blip":
+      raise EvalError(f"--rerank=itm needs a blip backbone (its ITM head), not {backbone.name!r}")
+    from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+    from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
+    loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+    itm = (loaded.itm, loaded.itm_params,
+           ce.RerankSettings(k=rerank_k, logit_only=rerank_logit_only))
+    if not config.encode.get("image_tokens", False):
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.encode.image_tokens = True
+      logging.info("--rerank=itm reads image token states: using the encode.image_tokens cache")
   split_dir = find_or_build_cache(config, split, backbone)
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint).resolve()
   return evaluate(config, params, split_dir, out_dir, meta, backbone=backbone,
-                  checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size)
+                  checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size,
+                  cross_encoder=itm)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models import convert  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   f = flags.FLAGS
   try:
     report = evaluate_checkpoint(f.config, f.checkpoint, f.out, f.split, html_report=f.html,
-                                 batch_size=f.batch_size)
-  except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError) as e:
+                                 batch_size=f.batch_size, rerank=f.rerank, rerank_k=f.rerank_k,
+                                 rerank_logit_only=f.rerank_logit_only)
+  except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError,
+          convert.ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(render_markdown(report))
@@ -602,6 +641,12 @@ def run() -> None:
   flags.DEFINE_string("split", "test", "Which split of config.data to evaluate.")
   flags.DEFINE_bool("html", True, "Also write report.html (example queries with thumbnails).")
   flags.DEFINE_integer("batch_size", 1024, "Rows per device call when applying the tail.")
+  flags.DEFINE_string("rerank", "", "'itm': rescore each first stage's top --rerank_k with "
+                      "BLIP's ITM cross-encoder (blip backbones).")
+  flags.DEFINE_integer("rerank_k", 128, "Candidates per query the cross-encoder rescores "
+                       "(BLIP: 256 COCO, 128 Flickr30k).")
+  flags.DEFINE_bool("rerank_logit_only", False, "Rank by the ITM logit alone instead of "
+                    "logit + ITC similarity.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
   app.run(main)
 

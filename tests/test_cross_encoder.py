@@ -111,3 +111,29 @@ def test_blip_rerank_end_to_end(tiny_itm):
     cross_encoder.blip_logit_fn(module, params, token_ids, images, "both")
   with pytest.raises(ValueError, match="at least 1"):
     cross_encoder.RerankSettings(k=0)
+
+
+def test_itm_lines_match_rerank_in_both_directions(tiny_itm):
+  module, params, token_ids, images = tiny_itm
+  rng = np.random.default_rng(5)
+  cap_index = np.array([0, 0, 1, 2, 3, 3, 4, 5, 5])
+  cache = {"text_token_ids": token_ids, "image_tokens": images, "caption_image_index": cap_index}
+  first = rng.normal(size=(9, 6))
+  itc = rng.normal(size=(9, 6))
+  settings = cross_encoder.RerankSettings(k=2)
+  lines = cross_encoder.itm_lines({"dense": first}, itc, cache, module, params, settings)
+  assert list(lines) == ["dense+itm"]
+  fn_t2i = cross_encoder.blip_logit_fn(module, params, token_ids, images, "t2i")
+  fn_i2t = cross_encoder.blip_logit_fn(module, params, token_ids, images, "i2t")
+  t2i = cross_encoder.rerank(first, fn_t2i, settings, itc)
+  i2t = cross_encoder.rerank(first.T, fn_i2t, settings, itc.T).T
+  assert lines["dense+itm"]["t2i"] == {
+      **metrics.summarize(metrics.t2i_ranks(t2i, cap_index)),
+      "rsum": lines["dense+itm"]["t2i"]["rsum"]}
+  assert lines["dense+itm"]["i2t"]["R@1"] == metrics.summarize(
+      metrics.i2t_ranks(i2t, cap_index))["R@1"]
+  # k' = every candidate (9 captions, 6 images): logit + ITC alone, whatever the first stage.
+  full = cross_encoder.RerankSettings(k=9)
+  a = cross_encoder.itm_lines({"x": first}, itc, cache, module, params, full)["x+itm"]
+  b = cross_encoder.itm_lines({"x": -first}, itc, cache, module, params, full)["x+itm"]
+  assert a == b

@@ -173,3 +173,36 @@ def blip_logit_fn(module: Any, params: Mapping[str, Any], token_ids: np.ndarray,
     return np.asarray(logits(params, ids[caps], mask[caps], images)).reshape(b, k)
 
   return fn
+
+
+def itm_lines(scores: Mapping[str, np.ndarray], itc: np.ndarray, cache: Mapping[str, Any],
+              module: Any, params: Mapping[str, Any],
+              settings: RerankSettings) -> dict[str, dict]:
+  """Report lines "<first stage>+itm": each first stage's top k' rescored by BLIP's ITM.
+
+  Args:
+    scores: {first stage name: (N_captions, N_images) scores}, e.g. dense / sparse /
+      integrated and `zero_shot` (BLIP's own ITC: with it, the line is BLIP's recipe).
+    itc: (N_captions, N_images) BLIP's ITC cosine similarities, added to the logits.
+    cache: the split's feature cache with `text_token_ids`, `image_tokens` and
+      `caption_image_index`.
+    module, params: the `BlipItm` cross-encoder.
+    settings: k', logit_only, queries per call.
+
+  Returns:
+    {"<name>+itm": {"t2i": {R@1, R@5, R@10, MRR@10, rsum}, "i2t": {...}}}.
+  """
+  from jsds_jax import metrics  # pylint: disable=g-import-not-at-top
+  cap_index = np.asarray(cache["caption_image_index"])
+  fns = {d: blip_logit_fn(module, params, cache["text_token_ids"], cache["image_tokens"], d)
+         for d in ("t2i", "i2t")}
+  out = {}
+  for name, first in scores.items():
+    t2i = rerank(first, fns["t2i"], settings, itc)
+    i2t = rerank(np.asarray(first).T, fns["i2t"], settings, np.asarray(itc).T).T
+    line = {"t2i": metrics.summarize(metrics.t2i_ranks(t2i, cap_index)),
+            "i2t": metrics.summarize(metrics.i2t_ranks(i2t, cap_index))}
+    for d in line.values():
+      d["rsum"] = sum(d[f"R@{k}"] for k in metrics.KS)
+    out[f"{name}+itm"] = line
+  return out
