@@ -15,7 +15,7 @@ eager, `inference_mode`, the same shapes and inputs) is timed in the same run as
 and the ratio printed. Timing alternates between the implementations; each number is the
 median of the timed calls (ours compiled ahead of time, Hugging Face after one warm-up call).
 
-  .venv/bin/python bench/itm.py                                  # t2i, N = 16, 64, 256, CPU
+  .venv/bin/python bench/itm.py --chunk 64                       # t2i, N = 16, 64, 256, CPU
   .venv/bin/python bench/itm.py --candidates 16 --direction both --torch
   .venv/bin/python bench/itm.py --dtype bfloat16 --attention cudnn          # on a GPU
 
@@ -88,27 +88,46 @@ def _median_time(call: Callable[[], Any], repeats: int, budget_s: float) -> tupl
 
 
 def make_itm_call(num_candidates: int, direction: str = "t2i", *, dtype: Any = jnp.float32,
-                  attention_impl: Optional[str] = None, seed: int = 0) -> Callable[[], Any]:
-  """A compiled call scoring one query against `num_candidates` candidates with
-  BLIP-base's ITM (random weights); the call blocks until the logits are ready."""
+                  attention_impl: Optional[str] = None, seed: int = 0,
+                  chunk: Optional[int] = None) -> Callable[[], Any]:
+  """A compiled call scoring one query against `num_candidates` candidates with BLIP-base's
+  ITM (random weights); the call blocks until the logits are ready.
+
+  `chunk`: score the candidates `chunk` at a time (one compiled call per chunk, run one after
+  another) to bound memory: 256 t2i candidates in one call need ~13 GB on a CPU.
+  """
   config = blip_itm.blip_base_itm_config()
   module = blip_itm.BlipItm(config, dtype=dtype, attention_impl=attention_impl)
   params = jax.device_put(blip_itm.random_itm_params(config, IMAGE_WIDTH, seed))
-  ids, mask, images = (jax.device_put(x) for x in _inputs(num_candidates, direction, seed))
-  if dtype != jnp.float32:
-    images = images.astype(dtype)  # the cache holds bf16 tokens; no float32 copy on device
+  size = num_candidates if not chunk or chunk >= num_candidates else chunk
+  if num_candidates % size:
+    raise ValueError(f"--chunk {chunk} must divide {num_candidates} candidates")
+  ids, mask, images = _inputs(num_candidates, direction, seed)
+  pieces = []
+  for s in range(0, num_candidates, size):
+    img = images if direction == "i2t" else images[s:s + size]
+    img = jax.device_put(img)
+    if dtype != jnp.float32:
+      img = img.astype(dtype)  # the cache holds bf16 tokens; no float32 copy on device
+    pieces.append((jax.device_put(ids[s:s + size]), jax.device_put(mask[s:s + size]), img))
   fn = jax.jit(lambda p, i, m, x: module.apply({"params": p}, i, m, x)[:, 1])
   # Compiled ahead of time: no untimed run (minutes for 256 candidates on a CPU).
-  compiled = fn.lower(params, ids, mask, images).compile()
-  return lambda: compiled(params, ids, mask, images).block_until_ready()
+  compiled = fn.lower(params, *pieces[0]).compile()
+
+  def call():
+    outs = [compiled(params, *piece) for piece in pieces]
+    return [o.block_until_ready() for o in outs]
+
+  return call
 
 
 def time_itm(num_candidates: int, direction: str = "t2i", *, dtype: Any = jnp.float32,
              attention_impl: Optional[str] = None, repeats: int = 3,
-             budget_s: float = 60.0) -> Timing:
+             budget_s: float = 60.0, chunk: Optional[int] = None) -> Timing:
   """Seconds per query of BLIP-base ITM over `num_candidates` candidates (median of up to
   `repeats` calls, compiled beforehand, stopping early past `budget_s`)."""
-  call = make_itm_call(num_candidates, direction, dtype=dtype, attention_impl=attention_impl)
+  call = make_itm_call(num_candidates, direction, dtype=dtype, attention_impl=attention_impl,
+                       chunk=chunk)
   runs = _median_time(call, repeats, budget_s)
   return Timing(direction, num_candidates, statistics.median(runs), runs)
 
@@ -147,6 +166,8 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default=None, help="xla (default) or cudnn")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--chunk", type=int, default=None,
+                      help="candidates per compiled call (bounds memory; default: all at once)")
   parser.add_argument("--budget", type=float, default=60.0,
                       help="seconds of timed calls per setting before stopping early")
   parser.add_argument("--torch", action="store_true",
@@ -165,7 +186,8 @@ def main(argv=None) -> None:
   rows = []
   for direction in directions:
     for n in args.candidates:
-      ours_call = make_itm_call(n, direction, dtype=dtype, attention_impl=args.attention)
+      ours_call = make_itm_call(n, direction, dtype=dtype, attention_impl=args.attention,
+                                chunk=args.chunk)
       torch_call = make_torch_itm_call(n, direction) if args.torch else None
       ours_runs, torch_runs = [], []
       start = time.perf_counter()
@@ -178,6 +200,7 @@ def main(argv=None) -> None:
       ours = statistics.median(ours_runs)
       row = {"direction": direction, "candidates": n, "ms_per_query": 1e3 * ours,
              "pairs_per_s": n / ours, "runs": len(ours_runs), "dtype": args.dtype,
+             "chunk": args.chunk,
              "device": jax.devices()[0].device_kind}
       line = f"{direction:4s} {n:5d} {1e3 * ours:10.1f} {n / ours:9.1f}"
       if torch_runs:
