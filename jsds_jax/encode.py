@@ -53,7 +53,9 @@ from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import sharding
 
-
+# The image tower's final-layer token states (N_images, S, D) bf16: what a cross-encoder
+# attends to (BLIP's ITM); cached with `encode.image_tokens`.
+IMAGE_TOKENS = "image_tokens"
 
 @dataclasses.dataclass(frozen=True)
 class EncodeSettings:
@@ -63,6 +65,8 @@ class EncodeSettings:
   chunk_size: int = 1024
   dtype: str = "float32"
   last_block: bool = False
+  # The image tower's final token states, for the cross-encoder (ITM) stage.
+  image_tokens: bool = False
   num_workers: int = 8
   skip_bad: bool = False
   # Multi-process only: the cache root is one shared filesystem, so process 0 alone writes.
@@ -73,7 +77,8 @@ class EncodeSettings:
   def from_config(cls, config: ml_collections.ConfigDict) -> "EncodeSettings":
     enc, data = config.encode, config.data
     return cls(batch_size=enc.batch_size, chunk_size=enc.chunk_size, dtype=enc.dtype,
-               last_block=enc.last_block, num_workers=enc.num_workers,
+               last_block=enc.last_block, image_tokens=enc.get("image_tokens", False),
+               num_workers=enc.num_workers,
                skip_bad=data.get("skip_bad", False),
                shared_cache=enc.get("shared_cache", False))
 
@@ -83,7 +88,10 @@ class EncodeSettings:
                        "last_block": self.last_block, "image_size": backbone.image_size,
                        "image_resize": backbone.image_resize,
                        "image_mean": backbone.image_mean, "image_std": backbone.image_std,
-                       "max_text_len": backbone.max_text_len}, sort_keys=True)
+                       "max_text_len": backbone.max_text_len,
+                       # Only when on, so that the caches written before it keep their key.
+                       **({"image_tokens": True} if self.image_tokens else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -117,8 +125,9 @@ def dataset_key(data: ml_collections.ConfigDict) -> str:
 # Jitted, sharded tower calls.
 
 
-def _make_tower_fn(tower, variables, mesh: jax.sharding.Mesh, last_block: bool) -> Callable:
-  """Returns f(*inputs) -> {"pooled": np, "last_block_input"?: np} running `tower` sharded."""
+def _make_tower_fn(tower, variables, mesh: jax.sharding.Mesh, last_block: bool,
+                   tokens: bool = False) -> Callable:
+  """Returns f(*inputs) -> {"pooled", "last_block_input"?, "tokens"?} running `tower` sharded."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   variables = jax.device_put(variables, replicated)
@@ -129,6 +138,8 @@ def _make_tower_fn(tower, variables, mesh: jax.sharding.Mesh, last_block: bool) 
     result = {"pooled": out.pooled.astype(jnp.float32)}
     if last_block:
       result["last_block_input"] = out.last_block_input.astype(jnp.bfloat16)
+    if tokens:
+      result["tokens"] = out.tokens.astype(jnp.bfloat16)
     return result
 
   def call(*inputs):
@@ -253,8 +264,11 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   variables = backbone.image_variables if kind == "image" else backbone.text_variables
   # Token states only from towers with transformer blocks (not `lit`'s EfficientNet side).
   states = settings.last_block and _has_last_block(tower)
-  fn = _make_tower_fn(tower, variables, mesh, states)
+  tokens = settings.image_tokens and kind == "image"
+  fn = _make_tower_fn(tower, variables, mesh, states, tokens)
   names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if states else [])
+  if tokens:
+    names.append(IMAGE_TOKENS)
   if kind == "text" and states:
     names.append("text_attention_mask")
   if kind == "text":
@@ -349,6 +363,8 @@ def _collect(pending, outs, names, kind) -> None:
   outs[names[0]].append(np.asarray(result["pooled"])[:count])
   if f"{kind}_last_block_input" in names:
     outs[f"{kind}_last_block_input"].append(np.asarray(result["last_block_input"])[:count])
+  if IMAGE_TOKENS in names:
+    outs[IMAGE_TOKENS].append(np.asarray(result["tokens"])[:count])
   if kind == "text" and "text_attention_mask" in names:
     outs["text_attention_mask"].append(np.asarray(inputs[1][:count], np.int8))
   if kind == "text":
@@ -435,7 +451,7 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
   bad = sorted(i for k in range(n_img_chunks) for i in json.loads(
       _bad_images_path(out_dir, k).read_text()))
   arrays = {}
-  for name in ["image_pooled", "image_last_block_input"]:
+  for name in ["image_pooled", "image_last_block_input", IMAGE_TOKENS]:
     if feature_cache.part_path(out_dir, name, 0).exists():
       arrays[name] = feature_cache.concat_parts(out_dir, name, n_img_chunks)
   for name in ["text_pooled", "text_last_block_input", "text_attention_mask", feature_cache.TOKEN_IDS]:
@@ -463,7 +479,8 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
   specs = {}
   for name in list(arrays) + ["caption_image_index"]:
     arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
-    dtype = "bfloat16" if name.endswith("last_block_input") else str(arr.dtype)
+    dtype = ("bfloat16" if name.endswith("last_block_input") or name == IMAGE_TOKENS
+             else str(arr.dtype))
     specs[name] = {"shape": list(arr.shape), "dtype": dtype}
   for k in range(n_img_chunks):
     (out_dir / f"bad_images.part-{k:05d}.json").unlink()
@@ -480,6 +497,7 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
       "max_text_len": backbone.max_text_len,
       "dtype": settings.dtype,
       "last_block": settings.last_block,
+      "image_tokens": settings.image_tokens,
       "arrays": specs,
       "encode_seconds": round(seconds, 2),
       "jsds_jax_version": jsds_jax.__version__,

@@ -107,6 +107,44 @@ def _zero_shot(split_dir: pathlib.Path, cache: Mapping[str, Any]) -> np.ndarray 
   return zs
 
 
+def _itm_lines(scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
+               cache: Mapping[str, Any], cross_encoder: Any) -> dict[str, dict]:
+  """The "+itm" lines: every first stage and BLIP's own ITC (zero_shot) reranked by ITM."""
+  from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+  module, params, settings = cross_encoder
+  if "image_tokens" not in cache or zero_shot is None:
+    raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
+                    "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
+  first = {**{k: scores[k] for k in scores_lib.KINDS}, "zero_shot": zero_shot}
+  return ce.itm_lines(first, zero_shot, cache, module, params, settings)
+
+
+def _load_itm(config: ml_collections.ConfigDict, backbone: Any, k: int, logit_only: bool):
+  """(config asking for the image-token cache, (BlipItm, params, settings)) for --rerank itm."""
+  if backbone.name != "blip":
+    raise EvalError(f"--rerank=itm needs a blip backbone (its ITM head), not {backbone.name!r}")
+  from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
+  loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+  itm = (loaded.itm, loaded.itm_params, ce.RerankSettings(k=k, logit_only=logit_only))
+  if not config.encode.get("image_tokens", False):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.encode.image_tokens = True
+    logging.info("--rerank=itm reads image token states: using the encode.image_tokens cache")
+  return config, itm
+
+
+def parse_rerank(value: str) -> str:
+  """--rerank's value checked: "", "cmc" or "itm"."""
+  stages = [s.strip() for s in value.split(",") if s.strip()]
+  if any(s not in ("cmc", "itm") for s in stages):
+    raise EvalError(f"--rerank={value!r}: the rerankers are 'cmc' and 'itm'")
+  if len(stages) > 1:
+    raise EvalError(f"--rerank={value!r}: the chained cmc,itm stage is not built yet; run "
+                    "--rerank=cmc and --rerank=itm separately")
+  return stages[0] if stages else ""
+
+
 # ----------------------------------------------------------------------------------------------
 # The library entry point.
 
@@ -115,7 +153,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
              split_dir: str | os.PathLike, out_dir: str | os.PathLike,
              meta: Mapping[str, Any] | None = None, *, backbone: Any = None,
              checkpoint: str = "", html_report: bool = True, write_index: bool = True,
-             batch_size: int = 1024, rerank_with: str = "") -> dict[str, Any]:
+             batch_size: int = 1024, rerank_with: str = "",
+             cross_encoder: Any = None) -> dict[str, Any]:
   """Evaluates a tail on one split's feature cache and writes the report files to `out_dir`.
 
   Args:
@@ -133,6 +172,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     batch_size: rows per device call when applying the tail.
     rerank_with: "" or "cmc": also rerank every first stage's top K with the CMC at
       `config.cmc.checkpoint` (report["rerank"], a table in report.md, rerank.html).
+    cross_encoder: None, or (BlipItm module, its params, `cross_encoder.RerankSettings`): adds
+      the lines "<first stage>+itm" (each first stage's top k' rescored by BLIP's ITM); the
+      cache must hold `image_tokens`.
 
   Returns:
     The report (what report.json holds).
@@ -169,6 +211,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     notes.append(zero_shot)
   else:
     per_kind["zero_shot"] = metrics.retrieval_metrics(zero_shot, cap_index)
+  if cross_encoder is not None:
+    per_kind.update(_itm_lines(scores, None if isinstance(zero_shot, str) else zero_shot, cache,
+                               cross_encoder))
   report = report_lib.build(
       per_kind, sparsity_lib.sparsity(out.z_t, out.z_i),
       pruning_lib.pruning_curve(out, scores["dense"], cap_index, w1, w2, sparse=scores["sparse"]),
@@ -226,7 +271,8 @@ def find_or_build_cache(config: ml_collections.ConfigDict, split: str,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
                         out_dir: str | os.PathLike, split: str = "test", *,
                         html_report: bool = True, batch_size: int = 1024,
-                        backbone: Any = None, rerank_with: str = "") -> dict[str, Any]:
+                        backbone: Any = None, rerank: str = "", rerank_k: int = 128,
+                        rerank_logit_only: bool = False) -> dict[str, Any]:
   """What `jsds-eval` does: load a checkpoint, find (or build) the split's cache, evaluate.
 
   Args:
@@ -237,7 +283,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     html_report: also write report.html.
     batch_size: rows per device call when applying the tail.
     backbone: `config.backbone` loaded, if the caller has it (loaded here otherwise).
-    rerank_with: "" or "cmc" (see `evaluate`).
+    rerank: "", "cmc" (the CMC at `config.cmc.checkpoint` over each first stage's top K) or
+      "itm" (BLIP's cross-encoder over each first stage's top `rerank_k`; final score ITM logit
+      + ITC similarity, or the logit alone with `rerank_logit_only`).
 
   Raises:
     EvalError: the checkpoint is from another backbone / vocabulary / feature width than the
@@ -256,11 +304,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     config = ml_collections.ConfigDict(config.to_dict())
     config.encode.last_block = True
     logging.info("the checkpoint trains last blocks: using the encode.last_block=True cache")
+  itm = None
+  if parse_rerank(rerank) == "itm":
+    config, itm = _load_itm(config, backbone, rerank_k, rerank_logit_only)
   split_dir = find_or_build_cache(config, split, backbone)
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint).resolve()
   return evaluate(config, params, split_dir, out_dir, meta, backbone=backbone,
                   checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size,
-                  rerank_with=rerank_with)
+                  rerank_with="cmc" if parse_rerank(rerank) == "cmc" else "",
+                  cross_encoder=itm)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -268,13 +320,15 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jsds_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.trunk import convert  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   f = flags.FLAGS
   try:
     report = evaluate_checkpoint(f.config, f.checkpoint, f.out, f.split, html_report=f.html,
-                                 batch_size=f.batch_size, rerank_with=f.rerank)
+                                 batch_size=f.batch_size, rerank=f.rerank,
+                                 rerank_k=f.rerank_k, rerank_logit_only=f.rerank_logit_only)
   except (EvalError, checkpoint_lib.CheckpointError, feature_cache.CacheError,
-          rerank.RerankError) as e:
+          rerank.RerankError, convert.ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(report_lib.render_markdown(report))
@@ -292,13 +346,20 @@ def run() -> None:
   flags.DEFINE_bool("html", True, "Also write report.html (example queries with thumbnails).")
   flags.DEFINE_integer("batch_size", 1024, "Rows per device call when applying the tail.")
   flags.DEFINE_string("rerank", "", "cmc: also rerank each first stage's top K with the CMC "
-                      "run at --config.cmc.checkpoint (report: first stage alone vs + CMC).")
+                      "run at --config.cmc.checkpoint (report: first stage alone vs + CMC); "
+                      "itm: rescore each first stage's top --rerank_k with BLIP's ITM "
+                      "cross-encoder (blip backbones).")
+  flags.DEFINE_integer("rerank_k", 128, "Candidates per query the cross-encoder rescores "
+                       "(BLIP: 256 COCO, 128 Flickr30k).")
+  flags.DEFINE_bool("rerank_logit_only", False, "Rank by the ITM logit alone instead of "
+                    "logit + ITC similarity.")
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
   cli.run(main, cli.Command(
       "jsds-eval", "scores a trained checkpoint on one split (dense, sparse and integrated "
       "retrieval both ways, sparsity, pruning curve) and writes the report, the HTML page and "
       "the search index.", "--config FILE --checkpoint PATH --out DIR [flags]",
-      ["config", "checkpoint", "out", "split", "html", "batch_size", "rerank"],
+      ["config", "checkpoint", "out", "split", "html", "batch_size", "rerank", "rerank_k",
+       "rerank_logit_only"],
       ["jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval",
        "jsds-eval --config configs/demo.py --checkpoint runs/demo --out runs/demo/eval-val "
        "--split val"]))

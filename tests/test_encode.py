@@ -12,6 +12,7 @@ import pytest
 from jsds_jax import encode
 from jsds_jax import sharding
 from jsds_jax.data import feature_cache
+from jsds_jax.data import images as images_lib
 from jsds_jax.data import registry
 from jsds_jax.models.trunk import backbones
 import testing_utils  # tests/testing_utils.py
@@ -153,6 +154,44 @@ def test_last_block_states_are_bf16(tmp_path, tiny_backbone, tiny_split):
   assert arrays["image_last_block_input"].dtype == ml_dtypes.bfloat16
   assert arrays["text_last_block_input"].shape == (tiny_split.num_captions, 16, 32)
   assert arrays["text_attention_mask"].shape == (tiny_split.num_captions, 16)
+
+
+def test_image_tokens_for_the_cross_encoder(tmp_path, tiny_backbone, tiny_split):
+  """Opt-in, bf16, memory-mapped, equal to the tower's final token states, and resumable."""
+  settings = _settings(image_tokens=True)
+  assert settings.key(tiny_backbone) != _settings().key(tiny_backbone)
+  calls = []
+
+  def crash_after_one(kind, chunk):
+    calls.append((kind, chunk))
+    if len(calls) == 1:
+      raise KeyboardInterrupt("simulated kill")
+
+  with pytest.raises(KeyboardInterrupt):
+    encode.encode_split(tiny_split, tiny_backbone, tmp_path / "t", settings, progress=False,
+                        on_chunk=crash_after_one)
+  assert feature_cache.part_path(tmp_path / "t", encode.IMAGE_TOKENS, 0).exists()
+  redone = []
+  meta = encode.encode_split(tiny_split, tiny_backbone, tmp_path / "t", settings,
+                             progress=False, on_chunk=lambda *a: redone.append(a))
+  assert ("image", 0) not in redone and ("image", 1) in redone, redone
+  assert meta["image_tokens"] and meta["arrays"]["image_tokens"]["dtype"] == "bfloat16"
+  mapped = feature_cache.load_split(tmp_path / "t")["image_tokens"]
+  assert isinstance(mapped.base, np.memmap) or isinstance(mapped, np.memmap)
+  n_tokens = (32 // 8) ** 2 + 1
+  assert mapped.shape == (tiny_split.num_images, n_tokens, 32)
+  assert mapped.dtype == ml_dtypes.bfloat16
+  # Row 17 (second chunk) is the tower's output for image 17 alone, rounded to bf16.
+  pixels = images_lib.preprocess([tiny_split.load_image(17)], tiny_backbone.image_size,
+                                 tiny_backbone.image_mean, tiny_backbone.image_std,
+                                 resize=tiny_backbone.image_resize)
+  want = tiny_backbone.image_tower.apply(tiny_backbone.image_variables, pixels).tokens
+  np.testing.assert_allclose(np.asarray(mapped[17], np.float32), np.asarray(want)[0],
+                             atol=0.02, rtol=0.01)
+  # Off by default: no token states in the plain cache.
+  encode.encode_split(tiny_split, tiny_backbone, tmp_path / "plain", _settings(),
+                      progress=False)
+  assert "image_tokens" not in feature_cache.load_split(tmp_path / "plain")
 
 
 def test_encode_all_splits_and_tail_init(tmp_path):

@@ -8,6 +8,9 @@ Layout of one split's cache (`<cache_root>/<backbone>-<weights hash[:12]>/<datas
   image_last_block_input.npy  (N_images, L_i, D_image)  bf16  optional (`last_block`)
   text_last_block_input.npy   (N_captions, L_t, D_text) bf16  optional
   text_attention_mask.npy     (N_captions, L_t)    int8      optional, with the above
+  image_tokens.npy            (N_images, S, D_image)    bf16  optional (`image_tokens`): the
+                                                             final token states a
+                                                             cross-encoder attends to
   text_token_ids.npy          (N_captions, L_t)    int32     token ids, -1 at padding (for
                                                              PEC); `encode` adds it to a
                                                              cache written without it

@@ -98,21 +98,28 @@ class BertConfig:
 
 
 class BertLayer(nn.Module):
-  """One post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + MLP(x)).
+  """One post-LN BERT layer: x = LN(x + Attn(x)); [x = LN(x + CrossAttn(x, c));] x = LN(x + MLP(x)).
 
   Attributes:
     config: the encoder's `BertConfig`.
     dtype: computation dtype; params stay float32.
     attention_impl: passed to `jax.nn.dot_product_attention` (None/"xla" or "cudnn").
+    cross_attention: also attend to a context (BLIP's multimodal mode, ALBEF's fusion layers):
+      the sublayer sits between self-attention and the MLP, as in Hugging Face's BertLayer.
   """
 
   config: BertConfig
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Args: x (B, L, D); mask (B, 1, 1, L) bool, True where a key may be attended to.
+  def __call__(self, x: jax.Array, mask: jax.Array, context: Optional[jax.Array] = None,
+               context_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Args: x (B, L, D); mask (B, 1, 1, L) bool, True where a key may be attended to;
+    context (B or 1, S, D_c), the states cross-attended to (only with `cross_attention`; a
+    batch of 1 is shared by every row, so its keys and values are projected once);
+    context_mask (B, 1, 1, S) bool or None (all visible).
 
     Returns: (B, L, D).
     """
@@ -122,13 +129,25 @@ class BertLayer(nn.Module):
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
-    split = lambda t: t.reshape(b, l, cfg.num_heads, head_dim)
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], cfg.num_heads, head_dim)
     q = split(dense(d, "query")(x))
     k = split(dense(d, "key")(x))
     v = split(dense(d, "value")(x))
     attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     attn = dense(d, "attention_output")(attn.reshape(b, l, d))
     x = norm("attention_norm")(x + attn)
+    if self.cross_attention:
+      if context is None:
+        raise ValueError("a cross-attention layer needs the context states")
+      q = split(dense(d, "cross_query")(x))
+      # Projected before broadcasting: one shared context costs one projection, not B.
+      k = split(dense(d, "cross_key")(context))
+      v = split(dense(d, "cross_value")(context))
+      k, v = (jnp.broadcast_to(t, (b,) + t.shape[1:]) for t in (k, v))
+      attn = jax.nn.dot_product_attention(q, k, v, mask=context_mask,
+                                          implementation=self.attention_impl)
+      attn = dense(d, "cross_attention_output")(attn.reshape(b, l, d))
+      x = norm("cross_attention_norm")(x + attn)
     h = _ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "intermediate")(x))
     h = dense(d, "output")(h)
     return norm("output_norm")(x + h)
@@ -145,6 +164,8 @@ class BertEncoder(nn.Module):
       Only those layers have params.
     dtype: computation dtype; params stay float32.
     attention_impl: `jax.nn.dot_product_attention` implementation (None/"xla" or "cudnn").
+    cross_attention: every layer also attends to `context` (BLIP's text encoder in multimodal
+      mode, the ITM cross-encoder); False is the unimodal tower.
   """
 
   config: BertConfig
@@ -152,6 +173,7 @@ class BertEncoder(nn.Module):
   num_layers_used: Optional[int] = None
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  cross_attention: bool = False
 
   @property
   def depth(self) -> int:
@@ -162,13 +184,16 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: Optional[jax.Array] = None) -> tower_output.TowerOutput:
+               token_type_ids: Optional[jax.Array] = None, context: Optional[jax.Array] = None,
+               context_mask: Optional[jax.Array] = None) -> tower_output.TowerOutput:
     """Encodes a batch of token sequences.
 
     Args:
       input_ids: (B, L) int32.
       attention_mask: (B, L) int32, 1 for real tokens, 0 for padding.
       token_type_ids: (B, L) int32 or None (all zeros, as Hugging Face defaults to).
+      context: (B or 1, S, D_c) states to cross-attend to; only with `cross_attention`.
+      context_mask: (B or 1, S) int, 1 where a context state may be attended to; None = all.
 
     Returns:
       TowerOutput with pooled (B, D), tokens (B, L, D) and last_block_input (B, L, D) (the
@@ -195,11 +220,17 @@ class BertEncoder(nn.Module):
     # A boolean mask rather than an additive bias: XLA applies it with a large negative and
     # cuDNN converts it the same way, matching Hugging Face's finfo.min masking.
     mask = (attention_mask > 0)[:, None, None, :]
+    if (context is not None) != self.cross_attention:
+      raise ValueError("context states are given exactly when cross_attention=True")
+    if context_mask is not None:
+      context_mask = jnp.broadcast_to((context_mask > 0)[:, None, None, :],
+                                      (x.shape[0], 1, 1, context_mask.shape[-1]))
     last_block_input = x
     for i in range(self.depth):
       last_block_input = x
       x = BertLayer(cfg, dtype=self.dtype, attention_impl=self.attention_impl,
-                    name=f"layer_{i}")(x, mask)
+                    cross_attention=self.cross_attention, name=f"layer_{i}")(
+                        x, mask, context, context_mask)
 
     if self.pooling == "cls":
       pooled = x[:, 0]
@@ -224,15 +255,18 @@ def mean_pool(tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 def bert_ignore_patterns(prefix: str, config: BertConfig,
-                         num_layers_used: Optional[int] = None) -> list[str]:
+                         num_layers_used: Optional[int] = None,
+                         cross_attention: bool = False) -> list[str]:
   """Regexes for the tensors under `prefix` a text-only tower deliberately does not convert.
 
   Buffers (`position_ids`, `token_type_ids`), the pooler, MLM heads, cross-attention (BLIP's
-  and ALBEF's fusion path) and layers beyond `num_layers_used` (ALBEF's fusion layers).
+  and ALBEF's fusion path; kept with `cross_attention`) and layers beyond `num_layers_used`
+  (ALBEF's fusion layers).
   """
   p = re.escape(prefix)
-  out = [rf"^{p}embeddings\.(position_ids|token_type_ids)$", rf"^{p}pooler\.",
-         rf"^{p}cls\.", rf"^{p}encoder\.layer\.\d+\.crossattention\."]
+  out = [rf"^{p}embeddings\.(position_ids|token_type_ids)$", rf"^{p}pooler\.", rf"^{p}cls\."]
+  if not cross_attention:
+    out.append(rf"^{p}encoder\.layer\.\d+\.crossattention\.")
   n = config.num_layers if num_layers_used is None else num_layers_used
   if n < config.num_layers:
     # Any layer index >= n: matched by value, as a regex cannot compare numbers.
@@ -243,7 +277,7 @@ def bert_ignore_patterns(prefix: str, config: BertConfig,
 
 def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictReader,
                  config: BertConfig, prefix: str = "", num_layers_used: Optional[int] = None,
-                 source: str = "BERT state dict") -> dict:
+                 source: str = "BERT state dict", context_width: Optional[int] = None) -> dict:
   """Hugging Face `BertModel` tensors -> `BertEncoder` params.
 
   Args:
@@ -256,17 +290,21 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
     prefix: name prefix, e.g. "text_encoder." (BLIP) or "text_encoder.bert." (ALBEF).
     num_layers_used: convert only the first N layers (must match the module's).
     source: name for error messages.
+    context_width: D_c, to also convert every layer's cross-attention (`crossattention.*`,
+      whose keys and values read D_c-wide context states); None = the unimodal tower.
 
   Returns:
-    The params tree of `BertEncoder(config, num_layers_used=num_layers_used)` (what goes under
-    "params"), float32 numpy.
+    The params tree of `BertEncoder(config, num_layers_used=num_layers_used,
+    cross_attention=context_width is not None)` (what goes under "params"), float32 numpy.
   """
+  cross = context_width is not None
   if isinstance(state_dict_or_reader, convert.StateDictReader):
     reader, own = state_dict_or_reader, False
   else:
     sub = {k: v for k, v in state_dict_or_reader.items() if k.startswith(prefix)}
     reader = convert.StateDictReader(
-        sub, source=source, ignore=bert_ignore_patterns(prefix, config, num_layers_used))
+        sub, source=source,
+        ignore=bert_ignore_patterns(prefix, config, num_layers_used, cross_attention=cross))
     own = True
 
   e = f"{prefix}embeddings."
@@ -277,7 +315,7 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
   }
   if config.type_vocab_size:
     params["token_type_embeddings"] = reader.embedding(f"{e}token_type_embeddings")
-  module = BertEncoder(config, num_layers_used=num_layers_used)
+  module = BertEncoder(config, num_layers_used=num_layers_used, cross_attention=cross)
   for i in range(module.depth):
     l = f"{prefix}encoder.layer.{i}."
     params[f"layer_{i}"] = {
@@ -290,10 +328,20 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
         "output": reader.dense(f"{l}output.dense"),
         "output_norm": reader.layer_norm(f"{l}output.LayerNorm"),
     }
+    if cross:
+      c = f"{l}crossattention."
+      params[f"layer_{i}"].update({
+          "cross_query": reader.dense(f"{c}self.query"),
+          "cross_key": reader.dense(f"{c}self.key"),
+          "cross_value": reader.dense(f"{c}self.value"),
+          "cross_attention_output": reader.dense(f"{c}output.dense"),
+          "cross_attention_norm": reader.layer_norm(f"{c}output.LayerNorm"),
+      })
   if own:
     reader.assert_all_used()
   ids = jnp.zeros((1, 2), jnp.int32)
-  ref = jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
+  context = jnp.zeros((1, 1, context_width), jnp.float32) if cross else None
+  ref = jax.eval_shape(module.init, jax.random.key(0), ids, ids, None, context)["params"]
   convert.assert_same_structure(params, ref, source)
   return params
 
