@@ -42,6 +42,7 @@ from jsds_jax import explain
 from jsds_jax import metrics
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import lexical
 from jsds_jax.index import inputs as index_inputs
 from jsds_jax.index import pruning
 from jsds_jax.models import dense_tail
@@ -137,20 +138,32 @@ def sparse_score_matrix(z_t: sp.csr_matrix, z_i: sp.csr_matrix,
   return out
 
 
-def score_matrices(out: tail_outputs.TailOutputs, w1: float, w2: float) -> dict[str, np.ndarray]:
+INTEGRATED_FORMULAS = {"cosine": "w1·cos + w2·z_t·z_i", "tau": "w1·cos/τ + w2·z_t·z_i"}
+
+
+def score_matrices(out: tail_outputs.TailOutputs, w1: float, w2: float,
+                   integrated: str = "cosine") -> dict[str, np.ndarray]:
   """Dense, sparse and integrated scores of every caption against every image.
 
   Args:
     out: the split's tail outputs.
     w1, w2: the integrated score's weights.
+    integrated: "cosine" (the official eval, no τ: w1·cos + w2·sparse) or "tau" (the training
+      loss's w1·cos/τ + w2·sparse); see `INTEGRATED_FORMULAS`.
 
   Returns:
-    {"dense", "sparse", "integrated"}: (num_captions, num_images) float32; dense = e·e/τ.
+    {"dense", "sparse", "integrated", "integrated_dense" (the dense part the integrated score
+    adds: cos or cos/τ)}: (num_captions, num_images) float32; dense = e·e/τ.
   """
+  if integrated not in INTEGRATED_FORMULAS:
+    raise EvalError(f"eval.integrated must be one of {sorted(INTEGRATED_FORMULAS)}, got "
+                    f"{integrated!r}")
+  cos = np.asarray(jsds.dense_scores(out.e_i, out.e_t, 1.0)).T
   dense = np.asarray(jsds.dense_scores(out.e_i, out.e_t, out.tau)).T
   sparse = sparse_score_matrix(out.z_t, out.z_i)
-  integrated = np.asarray(jsds.integrated_scores(dense, sparse, w1, w2), np.float32)
-  return {"dense": dense, "sparse": sparse, "integrated": integrated}
+  part = cos if integrated == "cosine" else dense
+  integ = np.asarray(jsds.integrated_scores(part, sparse, w1, w2), np.float32)
+  return {"dense": dense, "sparse": sparse, "integrated": integ, "integrated_dense": part}
 
 
 def zero_shot_scores(tail_init: Mapping[str, np.ndarray],
@@ -233,7 +246,8 @@ def pruning_curve(out: tail_outputs.TailOutputs, dense: np.ndarray,
 
   Args:
     out: the split's tail outputs.
-    dense: (num_captions, num_images) dense scores (pruning leaves them alone).
+    dense: (num_captions, num_images) the dense part of the integrated score (cos or cos/τ,
+      `score_matrices`' "integrated_dense"); pruning leaves it alone.
     caption_image_index: (num_captions,).
     w1, w2: the integrated score's weights.
     ks: terms kept per vector (captions and images alike); None keeps all.
@@ -302,8 +316,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"| {row['k'] or 'all'} | {_fmt(row['caption_nnz'], 1)} | "
                  f"{_fmt(row['image_nnz'], 1)} | {_fmt(row['flops'], 3)} | "
                  f"{_fmt(row['sparse_R@1'])} | {_fmt(row['integrated_R@1'])} |")
+  if report.get("lexical"):
+    lines += [""] + lexical.render_markdown(report["lexical"])
   lines += [""] + [f"Note: {n}" for n in report.get("notes", [])]
-  lines.append(f"\nw1 = {report['w1']}, w2 = {report['w2']}, τ = {report['tau']:.4g}.")
+  formula = report.get("integrated_formula", INTEGRATED_FORMULAS["tau"])
+  lines.append(f"\nIntegrated score = {formula}; w1 = {report['w1']}, w2 = {report['w2']}, "
+               f"τ = {report['tau']:.4g}.")
   return "\n".join(lines) + "\n"
 
 
@@ -361,7 +379,7 @@ def model_metadata(backbone_name: str, weights_hash: str, vocab_size: int,
 def write_search_files(out_dir: pathlib.Path, out: tail_outputs.TailOutputs,
                        params: Mapping[str, Any], cache: Mapping[str, Any],
                        config: ml_collections.ConfigDict, model: dict[str, Any],
-                       w1: float, w2: float) -> pathlib.Path:
+                       w1: float, w2: float, integrated: str = "tau") -> pathlib.Path:
   """The exact index of the image sparse vectors and what `search` needs beside it."""
   from jsds_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   # float32 postings: the index's scores are the same dot products eval reports.
@@ -372,7 +390,7 @@ def write_search_files(out_dir: pathlib.Path, out: tail_outputs.TailOutputs,
   items = cache["items"]
   feature_cache.atomic_write_json(out_dir / SEARCH_META, {
       "model": model, "config": json.loads(config.to_json_best_effort()),
-      "w1": w1, "w2": w2, "tau": out.tau,
+      "w1": w1, "w2": w2, "tau": out.tau, "integrated": integrated,
       "dataset": cache["meta"].get("dataset"), "split": cache["meta"].get("split"),
       "image_ids": [str(x) for x in items["image_ids"]],
       "image_sources": [str(x) for x in items["image_sources"]],
@@ -468,7 +486,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     from jsds_jax.models import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
-  scores = score_matrices(out, w1, w2)
+  integrated = str(config.eval.integrated)
+  scores = score_matrices(out, w1, w2, integrated)
   per_kind = {kind: metrics.retrieval_metrics(scores[kind], cap_index) for kind in KINDS}
   notes = []
   trained_w = (_meta_get(meta, "w1"), _meta_get(meta, "w2"))
@@ -490,20 +509,28 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       "t2i": {kind: m["t2i"] for kind, m in per_kind.items()},
       "i2t": {kind: m["i2t"] for kind, m in per_kind.items()},
       "sparsity": sparsity(out.z_t, out.z_i),
-      "pruning": pruning_curve(out, scores["dense"], cap_index, w1, w2,
+      "pruning": pruning_curve(out, scores["integrated_dense"], cap_index, w1, w2,
                                sparse=scores["sparse"]),
       "w1": w1, "w2": w2, "tau": out.tau,
+      "integrated_formula": INTEGRATED_FORMULAS[integrated],
       "split": {"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
                 "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),
                 "cache": str(split_dir)},
       "checkpoint": str(checkpoint), "mode": _meta_get(meta, "mode"),
       "notes": notes,
   }
+  if backbone is not None and feature_cache.TOKEN_IDS in cache:
+    report["lexical"] = lexical.lexical_metrics_of(
+        out.z_t, out.z_i, np.asarray(cache[feature_cache.TOKEN_IDS]), cap_index,
+        explain.vocabulary(backbone))
+  else:
+    notes.append("no lexical metrics: they need the backbone's vocabulary and the cache's "
+                 "caption token ids")
 
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
     model = model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size, checkpoint)
-    write_search_files(out_dir, out, params, cache, config, model, w1, w2)
+    write_search_files(out_dir, out, params, cache, config, model, w1, w2, integrated)
   if html_report:
     examples = html_examples(out, scores, cache, explain.vocabulary(backbone))
     title = f"JSDS retrieval: {report['split']['dataset']}/{report['split']['name']}"
