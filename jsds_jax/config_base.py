@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_epochs = 1   # validate every this many epochs (and after the last step)
   c.train.patience = 20           # stop after this many validations without a better score
                                   # (sparse R@1 t2i; dense in dense_only); 0 = never
+  # Checkpoint choice within a sparsity budget: a validation can only become the best one when
+  # its mean non-zeros per image and per caption are both <= this (0 = no budget).
+  c.train.select_max_nnz = 0.0
   c.train.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
   c.train.keep_checkpoints = 3    # regular checkpoints kept; the best one is kept apart
   c.train.progress = True         # tqdm progress bar

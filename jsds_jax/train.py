@@ -353,6 +353,16 @@ def val_score(val: Mapping[str, Any], mode: str) -> float:
   return float(val["dense" if mode == "dense_only" else "sparse"]["t2i"]["R@1"])
 
 
+def within_budget(val: Mapping[str, Any], tc: ml_collections.ConfigDict) -> bool:
+  """Whether a validation may become the best checkpoint under `train.select_max_nnz`: its mean
+  non-zeros per image and per caption are both at most that (0 = no budget; dense_only has
+  none). Choosing by R@1 alone keeps the densest steps, before the regulariser has warmed up."""
+  budget = float(tc.select_max_nnz)
+  if budget <= 0 or tc.mode == "dense_only":
+    return True
+  return max(float(val["nnz_image"]), float(val["nnz_text"])) <= budget
+
+
 # ----------------------------------------------------------------------------------------------
 # Logging.
 
@@ -679,7 +689,7 @@ def _validate(evaluator: Evaluator, state, step: int, epoch: int,
   val = evaluator(sharding.local_replica(state.params, evaluator.mesh))
   flat = flatten_metrics(val)
   score = val_score(val, tc.mode)
-  improved = score > progress.best_score
+  improved = score > progress.best_score and within_budget(val, tc)
   if improved:
     progress.best_score, progress.best_step, progress.evals_since_best = score, step, 0
   else:
