@@ -69,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_test_images = 0      # corpus: a fixed subset of this many test pictures (0 = all)
   c.data.dataset = ""             # karpathy: name recorded in caches ("" = the file's field)
   c.data.include_restval = True   # karpathy COCO / coco_tfds: "train" takes restval too
+  # The Karpathy splits "train" is made of (karpathy / coco_tfds), overriding include_restval
+  # when given: ("train", "restval") = COCO's 113,287 images, 443 steps per epoch at batch
+  # 256; ("train",) = 82,783 images (the official data module's `split == "train"`), 324
+  # steps, so the same epochs are 0.73x the steps. () = as include_restval says.
+  c.data.train_splits = ()
   c.data.download = False         # coco_tfds: let tfds download and prepare it
   c.data.num_images = 40          # synthetic: size of the generated set
   c.data.captions_per_image = 2   # synthetic
@@ -127,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss.regularizer = "l1"        # l1 | flops
   c.train.loss.reg_warmup_fraction = 0.2  # eta(t) = eta * min(1, t / T)^2, T = this * steps
   c.train.loss.reference_quirks = False  # the official code's KD quirks (ablations only)
+  # The official objective's scale: with dense and sparse both on, holi-lab/mm-sparse-retrieval
+  # divides L and L' by len(pooling) = 2, total = ½(L/2 + L'/2) + ½R (DESIGN.md §3). False
+  # gives DESIGN's ½(L + L') + ½R, where R weighs half as much. The paper configs set True.
+  c.train.loss.official_scale = False
   c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
   # PEC, probabilistic expansion control (jsds / d2s; DESIGN.md §3): with probability p(t), one
   # draw per step, every caption's sparse vector is masked to its own tokens' vocabulary
@@ -134,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
   # cache's caption token ids (`encode` writes them, and adds them to an older cache).
   c.train.pec = False
   c.train.pec_fraction = 0.95
+  # With pec: on the steps PEC masks the captions, each image is masked to its own caption's
+  # tokens too (a STAIR-like grounding phase for the image side, released as p(t) reaches 0).
+  c.train.pec_images = False
   # The loop (jsds_jax/train.py) and its checkpoints (jsds_jax/checkpoint.py).
   c.train.features = ""           # a dataset's cache folder (<root>/<backbone>-<key>/<dataset>)
                                   # to train from as it is; "" = encode this config's (or reuse)
@@ -144,11 +156,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.features_layout = "auto"
   c.train.init_from = ""          # start from another run's params (a workdir or step dir;
                                   # e.g. d2s from a dense_only run); a resumed run ignores it
+  # The paper's protocol for backbones without pretrained projections (jsds_jax/protocol.py):
+  # the main job (jsds_jax.main) first trains dense_only in <workdir>/dense_stage, then runs
+  # jsds / d2s from its best checkpoint. Ignored with init_from, and by the train binary.
+  c.train.dense_first = False
+  c.train.dense_first_epochs = 0  # the dense stage's epochs; 0 = train.num_epochs
   c.train.val_split = "val"       # validated on, for the best checkpoint and early stopping
   c.train.log_every = 50          # steps between train-metric records (JSONL + TensorBoard)
   c.train.eval_every_epochs = 1   # validate every this many epochs (and after the last step)
   c.train.patience = 20           # stop after this many validations without a better score
                                   # (sparse R@1 t2i; dense in dense_only); 0 = never
+  # Checkpoint choice within a sparsity budget: a validation can only become the best one when
+  # its mean non-zeros per image and per caption are both <= this (0 = no budget).
+  c.train.select_max_nnz = 0.0
   c.train.checkpoint_every = 1000  # steps between checkpoints (also at the end and on SIGTERM)
   c.train.checkpoint_every_seconds = 600  # also once this long after the last (0: off; 1 process)
   c.train.keep_checkpoints = 3    # regular checkpoints kept; the best one is kept apart
@@ -197,6 +217,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.cmc.keep_checkpoints = 2
   c.cmc.rerank_ks = (16, 64, 256, 1024)  # eval --rerank cmc
   c.cmc.attention_block = 1024    # eval: attend in query blocks from this K on (0 = never)
+  # Terms the sparse head may never weight (jsds_jax/vocab_mask.py): "none", "special" (special
+  # tokens and [unused*], standard in learned sparse retrieval), "special_punct" (+ punctuation),
+  # "special_punct_stop" (+ English stopwords).
+  c.model.vocab_mask = "special"
+
+  # Evaluation (validation during training and the eval binary).
+  c.eval = ml_collections.ConfigDict()
+  # The integrated score: "cosine" = w1·cos + w2·z·z, the official eval's (no τ); "tau" =
+  # w1·cos/τ + w2·z·z, the score the training loss uses (τ ≈ 0.01–0.07 gives dense 14–100× the
+  # weight it has in the official eval).
+  c.eval.integrated = "cosine"
   return c
 
 
@@ -226,6 +257,7 @@ def paper_config(arg, *, backbone: str, checkpoint: str, max_text_len: int,
   c.backbone.max_text_len = max_text_len
   c.data.name = "karpathy"
   c.data.include_restval = include_restval
+  c.data.train_splits = ("train", "restval") if include_restval else ("train",)
   c.encode.batch_size = 256
 
   c.train.mode = "jsds"
@@ -238,7 +270,7 @@ def paper_config(arg, *, backbone: str, checkpoint: str, max_text_len: int,
   for group in (c.train.embed, c.train.head):
     group.lr = lr
     group.weight_decay = 0.05
-  c.train.loss.update(regularizer="l1", reg_warmup_fraction=0.2, **loss)
+  c.train.loss.update(regularizer="l1", reg_warmup_fraction=0.2, official_scale=True, **loss)
   # Validate once per official epoch's worth of steps, so patience counts the same rounds.
   c.train.eval_every_epochs = PAPER_CAPTIONS_PER_IMAGE
   c.train.patience = PAPER_PATIENCE

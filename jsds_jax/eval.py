@@ -39,6 +39,7 @@ from jsds_jax import distributed
 from jsds_jax import explain
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import lexical
 from jsds_jax.evaluation import metrics
 from jsds_jax.evaluation import pruning as pruning_lib
 from jsds_jax.evaluation import report as report_lib
@@ -105,6 +106,17 @@ def _zero_shot(split_dir: pathlib.Path, cache: Mapping[str, Any]) -> np.ndarray 
     return (f"no zero-shot reference: backbone {cache['meta'].get('backbone')!r} has no "
             "projections of its own")
   return zs
+
+
+def _lexical(out: Any, cache: Mapping[str, Any], cap_index: np.ndarray, backbone: Any,
+             notes: list[str]) -> dict[str, Any] | None:
+  """`lexical.lexical_metrics_of` the split, or None with a note saying what is missing."""
+  if backbone is None or feature_cache.TOKEN_IDS not in cache:
+    notes.append("no lexical metrics: they need the backbone's vocabulary and the cache's "
+                 "caption token ids")
+    return None
+  return lexical.lexical_metrics_of(out.z_t, out.z_i, np.asarray(cache[feature_cache.TOKEN_IDS]),
+                                    cap_index, explain.vocabulary(backbone))
 
 
 def _itm_lines(scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
@@ -200,7 +212,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
-  scores = scores_lib.score_matrices(out, w1, w2)
+  integrated = scores_lib.check_integrated(str(config.eval.integrated))
+  scores = scores_lib.score_matrices(out, w1, w2, integrated)
   per_kind = scores_lib.retrieval(scores, cap_index)
   notes = [n for n in [metrics.small_split_note(int(out.e_i.shape[0]))] if n]
   for note in notes:
@@ -216,12 +229,15 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
                                cross_encoder))
   report = report_lib.build(
       per_kind, sparsity_lib.sparsity(out.z_t, out.z_i),
-      pruning_lib.pruning_curve(out, scores["dense"], cap_index, w1, w2, sparse=scores["sparse"]),
+      pruning_lib.pruning_curve(out, scores_lib.integrated_dense(out, integrated), cap_index, w1,
+                                w2, sparse=scores["sparse"]),
       w1=w1, w2=w2, tau=out.tau, checkpoint=checkpoint, mode=_meta_get(meta, "mode"),
       notes=notes,
       split={"dataset": cache["meta"].get("dataset"), "name": cache["meta"].get("split"),
              "num_images": int(out.e_i.shape[0]), "num_captions": int(out.e_t.shape[0]),
-             "cache": str(split_dir)})
+             "cache": str(split_dir)},
+      integrated_formula=scores_lib.INTEGRATED_FORMULAS[integrated],
+      lexical=_lexical(out, cache, cap_index, backbone, notes))
   if rerank_with:
     from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
     if rerank_with != "cmc":
@@ -233,7 +249,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if write_index:
     model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size,
                                   checkpoint)
-    bundle.write(out_dir, out, params, cache, config, model, w1, w2)
+    bundle.write(out_dir, out, params, cache, config, model, w1, w2, integrated)
   html = (report_lib.render_html(out, scores, cache, explain.vocabulary(backbone), report)
           if html_report else None)
   report_lib.write(out_dir, report, html)

@@ -16,7 +16,8 @@ Fidelity notes, from reading the official code:
   `kd_loss(..., reference_quirks=True)` reproduces exactly that. The same file also divides L
   and L' by `len(pooling)` (= 2 for dense + sparse), i.e. its total is ½(L/2 + L'/2) + ½R;
   DESIGN.md's total = ½(L + L') + ½R does not have that factor and neither does `jsds_loss`
-  (only the balance between the loss and R differs; scale η by 2 to match the official runs).
+  (only the balance between the loss and R differs). `jsds_loss(..., official_scale=True)`
+  (config `train.loss.official_scale`, set by the paper configs) divides by it as well.
   Its regulariser weight is η·(t/T)² with t the number of steps already taken and
   T = int(0.2 · total steps), the L1 term is mean_b Σ_v |z_bv|, and the total adds ½(R_t + R_i).
 * thongnt99/lsr-multimodal `train.py` and `model.py` (D2S and PEC): the teacher is
@@ -190,14 +191,15 @@ def jsds_loss(s_d: jax.Array, s_s: jax.Array, w1: Any, w2: Any, lam1: Any, lam2:
               z_i: jax.Array, z_t: jax.Array, eta_t: Any, eta_i: Any, step: Any,
               total_steps: Any, regularizer: str = "l1", reference_quirks: bool = False,
               positive_mask: Optional[jax.Array] = None, multi_positive: str = "uniform",
-              warmup_fraction: float = 0.2) -> tuple[jax.Array, dict[str, jax.Array]]:
+              warmup_fraction: float = 0.2,
+              official_scale: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The joint sparse-dense objective (DESIGN.md §3).
 
     S_int = w1·S_d + w2·S_s
     L     = λ1·InfoNCE(S_d) + λ2·InfoNCE(S_s) + InfoNCE(S_int)
     L'    = λ1·KD(S_d) + λ2·KD(S_s)            (teacher S_int)
     R     = η_t(t)·reg(z_t) + η_i(t)·reg(z_i)
-    total = ½(L + L') + ½R
+    total = ½(L + L') + ½R, or ½(L/2 + L'/2) + ½R with `official_scale`
 
   Args:
     s_d: (B, B) dense scores e_i e_tᵀ / τ.
@@ -213,10 +215,14 @@ def jsds_loss(s_d: jax.Array, s_s: jax.Array, w1: Any, w2: Any, lam1: Any, lam2:
       unaffected (its targets are soft already).
     multi_positive: see `info_nce`.
     warmup_fraction: T / total_steps of the regulariser warm-up.
+    official_scale: divide L and L' by len(pooling) = 2 as holi-lab/mm-sparse-retrieval's
+      `BICELoss` does with dense and sparse both on, so R weighs twice as much against them
+      as without (and the clipped gradient is that of a loss half as large).
 
   Returns:
     (total () float, metrics) with metrics holding every part: infonce_dense, infonce_sparse,
-    infonce_int, kd_dense, kd_sparse, loss_sup (L), loss_kd (L'), reg (R), reg_text and
+    infonce_int, kd_dense, kd_sparse, loss_sup (L), loss_kd (L'; both after the official
+    scale when it is on), reg (R), reg_text and
     reg_image (unweighted), eta_text and eta_image (current weights), total.
   """
   s_int = jsds.integrated_scores(_at_least_f32(s_d), _at_least_f32(s_s), w1, w2)
@@ -224,8 +230,10 @@ def jsds_loss(s_d: jax.Array, s_s: jax.Array, w1: Any, w2: Any, lam1: Any, lam2:
   nce_d, nce_s, nce_int = nce(s_d), nce(s_s), nce(s_int)
   kd_d = kd_loss(s_d, s_int, reference_quirks=reference_quirks)
   kd_s = kd_loss(s_s, s_int, reference_quirks=reference_quirks)
-  loss_sup = lam1 * nce_d + lam2 * nce_s + nce_int
-  loss_kd = lam1 * kd_d + lam2 * kd_s
+  # The official code's len(pooling): 2 with dense and sparse both on.
+  pooling = 2.0 if official_scale else 1.0
+  loss_sup = (lam1 * nce_d + lam2 * nce_s + nce_int) / pooling
+  loss_kd = (lam1 * kd_d + lam2 * kd_s) / pooling
   r, reg_metrics = _regularization(z_i, z_t, eta_t, eta_i, step, total_steps, regularizer,
                                    warmup_fraction)
   total = 0.5 * (loss_sup + loss_kd) + 0.5 * r

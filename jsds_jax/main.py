@@ -26,6 +26,7 @@ from jsds_jax import cli
 from jsds_jax import distributed
 from jsds_jax import encode
 from jsds_jax import eval as eval_lib
+from jsds_jax import protocol
 from jsds_jax import train
 from jsds_jax.evaluation import report as report_lib
 from jsds_jax.models.trunk import backbones
@@ -37,6 +38,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                  split: str = "test") -> dict[str, Any]:
   """Encodes, trains, and evaluates the best checkpoint on `split` with the eval binary's code.
 
+  With `train.dense_first` (jsds / d2s without init_from) a dense_only stage trains first in
+  `workdir/dense_stage` and the run starts from its best params (`jsds_jax.protocol`).
+
   Returns:
     {"train": train_and_evaluate's summary, and unless training was preempted "report":
     `eval.evaluate_checkpoint`'s report, "eval_dir": where report.{json,md,html} went}.
@@ -46,6 +50,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   backbone = backbones.load_backbone(config.backbone)
   dirs = encode.encode(config, progress=config.train.progress, backbone=backbone)
   print("Feature cache:\n" + encode.describe(dirs), flush=True)
+  # train.dense_first: a dense_only stage first, the configured mode then starts from it.
+  config, dense_stage = protocol.run_dense_first(config, workdir, train.train_and_evaluate,
+                                                 cache_dirs=dirs, backbone=backbone)
+  if dense_stage is not None:
+    print("Dense stage (train.dense_first): " + train.describe(dense_stage), flush=True)
+    if dense_stage["status"] == "preempted":
+      return {"train": dense_stage}
   summary = train.train_and_evaluate(config, workdir, cache_dirs=dirs, backbone=backbone)
   print(train.describe(summary), flush=True)
   if summary["status"] == "preempted":

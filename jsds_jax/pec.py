@@ -57,3 +57,29 @@ def mask_captions(z_t: jax.Array, token_ids: jax.Array, rng: jax.Array,
   on = jax.random.bernoulli(rng, prob)
   keep = token_mask(token_ids, z_t.shape[-1]) | jnp.logical_not(on)
   return jnp.where(keep, z_t, jnp.zeros((), z_t.dtype)), on
+
+
+def mask_pairs(z_i: jax.Array, z_t: jax.Array, token_ids: jax.Array, rng: jax.Array,
+               prob: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`mask_captions` that also masks each image to its paired caption's tokens (config
+  `train.pec_images`).
+
+  A STAIR-like grounding phase (Chen et al., ICML 2023, "Learning Sparse Text and Image
+  Representation in Grounded Tokens", whose first stage restricts both sides to the caption's
+  tokens before releasing them): on the steps where PEC masks the captions, image k may only
+  weight the tokens of caption k, its positive in the batch, so the head learns to put an
+  image's weight on the words that describe it; as p(t) falls to 0 the mask is released.
+
+  Args:
+    z_i: (B, V) image term weights, row k the image of caption k.
+    z_t: (B, V) caption term weights. token_ids: (B, L), -1 at padding.
+    rng: the step's PEC key. prob: () p(t).
+
+  Returns:
+    (z_i, z_t masked or not, whether they were masked: () bool).
+  """
+  on = jax.random.bernoulli(rng, prob)
+  keep = token_mask(token_ids, z_t.shape[-1]) | jnp.logical_not(on)
+  zero = jnp.zeros((), z_t.dtype)
+  return jnp.where(keep, z_i, zero), jnp.where(keep, z_t, zero), on
+

@@ -6,7 +6,8 @@
 The query goes through the frozen text tower (the backbone named in the index's search files,
 with its own tokenizer, at the cache's dtype) and the trained tail, exactly as a cached caption
 did; the exact inverted index returns the top images by sparse score. `--rerank dense` rescores
-the first `--candidates` of them with the integrated score w1·e_q·e_i/τ + w2·z_q·z_i, from the
+the first `--candidates` of them with the eval's integrated score w1·e_q·e_i + w2·z_q·z_i (/τ on
+the dense part for bundles written with eval.integrated="tau"), from the
 image dense embeddings stored beside the index. Each hit lists the vocabulary terms query and
 image share, with their contributions to the sparse score.
 
@@ -182,7 +183,8 @@ class Searcher:
     dense = None
     score = sparse
     if rerank == "dense":
-      tau = float(self.meta["tau"])
+      # The eval's integrated formula: "cosine" (official, no τ) or "tau" (older bundles).
+      tau = 1.0 if self.meta.get("integrated", "tau") == "cosine" else float(self.meta["tau"])
       dense = np.asarray(jsds.dense_scores(np.asarray(self.image_dense[rows]), e_q[None], tau),
                          np.float64)[:, 0]
       score = np.asarray(jsds.integrated_scores(dense, sparse, float(self.meta["w1"]),

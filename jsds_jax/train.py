@@ -53,6 +53,7 @@ from jsds_jax import optim
 from jsds_jax import sharding
 from jsds_jax import train_data
 from jsds_jax import train_step
+from jsds_jax import vocab_mask
 from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import validation
 from jsds_jax.models.trunk import backbones
@@ -242,6 +243,7 @@ class Setup:
     data: the batches (`train_data.TrainData`). step_fn: `train_step.make_train_step`'s step.
     metadata: saved beside every checkpoint (`checkpoint.make_metadata`).
     total_steps: num_epochs x steps per epoch. dirs: {split: feature-cache dir}.
+    vocab: the term strings (vocabulary mask, lexical validation), or None.
   """
 
   module: jsds.JSDSTail
@@ -251,6 +253,7 @@ class Setup:
   metadata: dict[str, Any]
   total_steps: int
   dirs: dict[str, pathlib.Path]
+  vocab: list[str] | None = None
 
 
 def setup(config: ml_collections.ConfigDict,
@@ -290,11 +293,15 @@ def setup(config: ml_collections.ConfigDict,
   metadata["features_layout"] = f"sharded/{mesh.size}" if layout == "sharded" else "replicated"
   if tc.init_from:
     params = _params_from(tc.init_from, params, metadata)
+  # Term strings: for the vocabulary mask and the lexical validation metrics.
+  vocab = vocab_mask.vocabulary_for_cache(config.backbone, train_cache["meta"], module.vocab_size)
+  if vocab is not None and config.model.vocab_mask != "none":
+    params = vocab_mask.apply(params, vocab_mask.masked_terms(vocab, config.model.vocab_mask))
   tx = optim.make_optimizer(tc, total_steps)
   # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
   step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh)
-  return Setup(module, state, data, step_fn, metadata, total_steps, dirs)
+  return Setup(module, state, data, step_fn, metadata, total_steps, dirs, vocab)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -333,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start = int(state.step)
     # Validation runs on this process's devices (each process gets the same numbers).
     evaluator = validation.Evaluator(run.module, run.dirs[tc.val_split],
-                                     sharding.local_data_mesh(), tc.loss.w1, tc.loss.w2)
+                                     sharding.local_data_mesh(), tc.loss.w1, tc.loss.w2,
+                                     integrated=config.eval.integrated, vocab=run.vocab)
     loop = _Loop(tc, run, ckpt, evaluator, progress, metric_writer.MetricWriter(workdir, start),
                  start)
     status, done = progress.status, start
@@ -435,6 +443,16 @@ def _params_from(path: str, like: Any, metadata: Mapping[str, Any]) -> Any:
   return jax.tree.map(jnp.asarray, params)
 
 
+def within_budget(val: Mapping[str, Any], tc: ml_collections.ConfigDict) -> bool:
+  """Whether a validation may become the best checkpoint under `train.select_max_nnz`: its mean
+  non-zeros per image and per caption are both at most that (0 = no budget; dense_only has
+  none). Choosing by R@1 alone keeps the densest steps, before the regulariser has warmed up."""
+  budget = float(tc.select_max_nnz)
+  if budget <= 0 or tc.mode == "dense_only":
+    return True
+  return max(float(val["sparsity"]["image_nnz"]), float(val["sparsity"]["caption_nnz"])) <= budget
+
+
 def _validate(evaluator: validation.Evaluator, state, step: int, epoch: int,
               progress: checkpoint.Progress, ckpt: checkpoint.Checkpointer,
               metadata: Mapping[str, Any], writer: metric_writer.MetricWriter,
@@ -444,7 +462,7 @@ def _validate(evaluator: validation.Evaluator, state, step: int, epoch: int,
   val = evaluator(sharding.local_replica(state.params, evaluator.mesh))
   flat = validation.flatten_metrics(val)
   score = validation.val_score(val, tc.mode)
-  improved = score > progress.best_score
+  improved = score > progress.best_score and within_budget(val, tc)
   if improved:
     progress.best_score, progress.best_step, progress.evals_since_best = score, step, 0
   else:

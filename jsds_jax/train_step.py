@@ -88,6 +88,7 @@ class LossSettings:
   reg_warmup_fraction: float = 0.2
   reference_quirks: bool = False
   tau_teacher: float = 1e-3
+  official_scale: bool = False
   total_steps: int = 1
 
   def __post_init__(self):
@@ -156,7 +157,14 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
   s_d = jsds.dense_scores(out["e_i"], out["e_t"], out["tau"])
   return losses.jsds_loss(s_d, s_s, s.w1, s.w2, s.lam1, s.lam2, out["z_i"], out["z_t"],
                           reference_quirks=s.reference_quirks, positive_mask=positives,
-                          **reg_args)
+                          official_scale=s.official_scale, **reg_args)
+
+
+def clamp_tau_param(params: Any, module: jsds.JSDSTail) -> Any:
+  """params with τ clipped to [tau_min, tau_max]: the official code's in-place
+  `temp.clamp_(0.001, 0.5)` before every step, so the stored τ never drifts outside the range
+  (the forward pass's straight-through clamp alone lets it; `jsds.clamp_tau`)."""
+  return {**params, "tau": jnp.clip(params["tau"], module.tau_min, module.tau_max)}
 
 
 def _mean_nnz(z: jax.Array) -> jax.Array:
@@ -198,6 +206,9 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   encode = _ENCODERS[settings.mode]
   scheds = optim.schedules(train, total_steps)
   use_pec = bool(train.pec)
+  if train.pec_images and not use_pec:
+    raise ValueError("train.pec_images masks images on the steps PEC masks captions: it needs "
+                     "train.pec=True")
   if use_pec and settings.mode == "dense_only":
     raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
                      "not 'dense_only'")
@@ -235,9 +246,12 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
                          rngs={"dropout": step_rng})
       extra = {}
       if use_pec:  # before the all-gather: each device masks its own captions
-        out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids,
-                                               jax.random.fold_in(step_rng, _PEC_STREAM),
-                                               pec_prob)
+        pec_rng = jax.random.fold_in(step_rng, _PEC_STREAM)
+        if train.pec_images:  # images too, to their own caption's tokens (STAIR-like)
+          out["z_i"], out["z_t"], masked = pec.mask_pairs(out["z_i"], out["z_t"], token_ids,
+                                                          pec_rng, pec_prob)
+        else:
+          out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids, pec_rng, pec_prob)
         extra = dict(pec_prob=pec_prob, pec_masked=masked)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings)
@@ -246,13 +260,15 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
         metrics.update(nnz_image=_mean_nnz(out["z_i"]), nnz_text=_mean_nnz(out["z_t"]))
       return loss, metrics
 
+    # τ clamped in the params first, as the official code does in place before each step.
+    params = clamp_tau_param(state.params, module)
     # Per-device gradients of the global loss, then their mean (see the module docstring).
-    local_params = to_varying(state.params)
+    local_params = to_varying(params)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
     grads = mean(grads)
     metrics = mean(metrics)  # identical on every device; makes them invariant
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    **{f"lr_{g}": s(state.step) for g, s in scheds.items()})
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -39,3 +39,24 @@ def test_unknown_name_and_missing_fields_are_explained(tmp_path):
     registry.load_split({"name": "karpathy", "json": str(tmp_path / "x.json")}, "train")
   with pytest.raises(ValueError, match="needs the field 'name'"):
     registry.load_split({}, "train")
+
+
+def test_train_splits_decide_restval(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  json_path = synthetic.make_synthetic(tmp_path, num_images=10)
+  data = json.loads(json_path.read_text())
+  for img in data["images"][:3]:  # three training images become restval
+    if img["split"] == "train":
+      img["split"] = "restval"
+  data["dataset"] = "coco"
+  json_path.write_text(json.dumps(data))
+  base = {"name": "karpathy", "json": str(json_path), "image_root": str(tmp_path / "images")}
+  n = lambda **kw: registry.load_split({**base, **kw}, "train").num_images
+  restval = sum(img["split"] == "restval" for img in data["images"])
+  assert restval > 0
+  assert n() == n(train_splits=("train", "restval")) == 8  # a COCO file takes restval
+  assert n(train_splits=("train",)) == n(include_restval=False) == 8 - restval
+  # train_splits wins over include_restval when both are given.
+  assert n(include_restval=False, train_splits=("train", "restval")) == 8
+  with pytest.raises(ValueError, match=r"data.train_splits=\('val',\)"):
+    n(train_splits=("val",))

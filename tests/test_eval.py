@@ -84,9 +84,12 @@ def test_report_json_shape_and_metrics_equal_recomputation(setup):
   d = _direct(setup["params"], cache)
   tau = float(d["tau"])
   assert tau == pytest.approx(0.05)
-  dense = d["e_t"] @ d["e_i"].T / tau
+  cos = d["e_t"] @ d["e_i"].T
+  dense = cos / tau
   sparse = d["z_t"] @ d["z_i"].T
-  want = {"dense": dense, "sparse": sparse, "integrated": 0.3 * dense + 0.7 * sparse}
+  # The official eval's integrated score: w1·cos + w2·sparse, no τ (config eval.integrated).
+  want = {"dense": dense, "sparse": sparse, "integrated": 0.3 * cos + 0.7 * sparse}
+  assert on_disk["integrated_formula"] == "w1·cos + w2·z_t·z_i"
   cap_index = np.asarray(cache["caption_image_index"])
   for kind, scores in want.items():
     m = metrics.retrieval_metrics(scores, cap_index)
@@ -115,6 +118,22 @@ def test_validation_metrics_equal_the_eval_report(setup):
   flat = validation.flatten_metrics(val)
   assert flat["sparse/t2i/R@1"] == report["t2i"]["sparse"]["R@1"]
   assert flat["sparsity/caption_nnz"] == pytest.approx(report["sparsity"]["caption_nnz"])
+def test_lexical_section_equals_recomputation(setup):
+  from jsds_jax import explain  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import lexical  # pylint: disable=g-import-not-at-top
+  cache = feature_cache.load_split(setup["split_dir"])
+  d = _direct(setup["params"], cache)
+  vocab = explain.vocabulary(setup["backbone"])
+  want = lexical.lexical_metrics_of(d["z_t"], d["z_i"], np.asarray(cache["text_token_ids"]),
+                                    np.asarray(cache["caption_image_index"]), vocab)
+  got = setup["report"]["lexical"]
+  for key in ("caption_self_grounding", "image_grounding", "junk_mass", "max_top_term_share",
+              "special_or_punct_in_top"):
+    assert got[key] == pytest.approx(want[key], abs=1e-6), key
+  assert [t for t, _ in got["top_terms"]] == [t for t, _ in want["top_terms"]]
+  assert 0.0 < got["junk_mass"] < 1.0
+  md = (setup["out"] / "report.md").read_text()
+  assert "## Lexical" in md and "Integrated score = w1·cos + w2·z_t·z_i" in md
 
 
 def test_zero_shot_reference_is_the_backbone_projection(setup):

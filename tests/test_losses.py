@@ -23,7 +23,8 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 info_nce = jit(losses.info_nce, static_argnames=("multi_positive",))
 kd_loss = jit(losses.kd_loss, static_argnames=("stop_gradient", "reference_quirks"))
 jsds_loss = jit(losses.jsds_loss, static_argnames=("regularizer", "reference_quirks",
-                                                   "multi_positive", "warmup_fraction"))
+                                                   "multi_positive", "warmup_fraction",
+                                                   "official_scale"))
 d2s_loss = jit(losses.d2s_loss, static_argnames=("regularizer", "warmup_fraction"))
 
 
@@ -311,6 +312,56 @@ def test_jsds_loss_matches_numpy(reg, quirks):
   assert abs(float(m["reg_text"]) - regf(z_t)) < TOL
   assert abs(float(m["reg_image"]) - regf(z_i)) < TOL
   assert abs(float(m["eta_text"]) - np_reg_weight(step, total, 5e-4)) < 1e-15
+
+
+def _official_bice_total(s_d, s_s, z_i, z_t, w1, w2, lam1, lam2, eta_t, eta_i, step, total):
+  """holi-lab/mm-sparse-retrieval `BICELoss.forward` (self-supervised, no hard negatives,
+  pooling = ["dense", "sparse"]) and its `L1` regularisers, transcribed line by line in torch:
+  the returned `loss + reg` is what its training step minimises."""
+  import torch  # pylint: disable=g-import-not-at-top
+  t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float64)
+  sdense, slex, zi, zt = t(s_d), t(s_s), t(z_i), t(z_t)
+  b = sdense.shape[0]
+  idxs = torch.arange(b)
+  ce = torch.nn.CrossEntropyLoss()
+  info_nce = lambda s: 0.5 * (ce(s, idxs) + ce(s.T, idxs))
+  distill = lambda s, p: -(p * torch.log_softmax(s, dim=1)).sum(dim=1).mean()
+  pooling = ["dense", "sparse"]
+  l_dense, l_lex = info_nce(sdense), info_nce(slex)
+  sinter_i2t = w1 * sdense + w2 * slex
+  sinter_t2i = w1 * sdense + w2 * slex
+  p_i2t, p_t2i = torch.softmax(sinter_i2t, dim=1), torch.softmax(sinter_t2i, dim=1)
+  ld_dense = 0.5 * (distill(sdense, p_i2t) + distill(sdense.t(), p_t2i))
+  ld_lex = 0.5 * (distill(slex, p_i2t) + distill(slex.t(), p_t2i))
+  l_inter = 0.5 * (info_nce(sinter_t2i) + info_nce(sinter_i2t))
+  big_l = (lam1 * l_dense + lam2 * l_lex + l_inter) / len(pooling)
+  big_lp = (lam1 * ld_dense + lam2 * ld_lex) / len(pooling)
+  loss = 0.5 * (big_l + big_lp)
+  # L1.forward after `step` calls of Regularizer.step(): weight_t = weight_T·(t/T)², T = 20%.
+  warm = int(0.2 * total)
+  weight = lambda eta: eta * (min(step, warm) / warm) ** 2
+  text_reg = torch.abs(zt * weight(eta_t)).sum(dim=1).mean()
+  img_reg = torch.abs(zi * weight(eta_i)).sum(dim=1).mean()
+  return float(loss + 0.5 * (text_reg + img_reg))
+
+
+@pytest.mark.parametrize("step", [70, 400])
+def test_official_scale_matches_the_official_loss(step):
+  s_d, s_s, z_i, z_t = rand_batch(13)
+  z_i, z_t = z_i * 20, z_t * 20  # a regulariser large enough that its weight matters
+  args = (0.1, 0.2, 0.9, 0.3)
+  total = 1000
+  want = _official_bice_total(s_d, s_s, z_i, z_t, *args, 5e-4, 3e-5, step, total)
+  got, m = jsds_loss(f64(s_d), f64(s_s), *args, f64(z_i), f64(z_t), 5e-4, 3e-5, step, total,
+                     reference_quirks=True, official_scale=True)
+  assert abs(float(got) - want) < TOL
+  # Without the official scale L and L' count twice: the totals differ by ½(L + L')/2.
+  plain, m_plain = jsds_loss(f64(s_d), f64(s_s), *args, f64(z_i), f64(z_t), 5e-4, 3e-5, step,
+                             total, reference_quirks=True)
+  assert abs(float(m_plain["reg"]) - float(m["reg"])) < 1e-15
+  assert abs(float(m_plain["loss_sup"]) - 2 * float(m["loss_sup"])) < TOL
+  assert abs((float(plain) - float(got)) - 0.5 * (float(m["loss_sup"]) + float(m["loss_kd"]))) \
+      < TOL
 
 
 def test_jsds_loss_multi_positive_and_jit():

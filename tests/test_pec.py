@@ -60,6 +60,25 @@ def test_mask_captions_masks_with_probability_one_and_never_at_zero():
   np.testing.assert_array_equal(same, z)
 
 
+def test_mask_pairs_masks_each_image_to_its_captions_tokens_on_the_same_coin():
+  rng = np.random.default_rng(2)
+  ids = jnp.asarray(_random_ids(rng, 4, 5, 40))
+  z_i = jnp.asarray(rng.random((4, 40)).astype(np.float32))
+  z_t = jnp.asarray(rng.random((4, 40)).astype(np.float32))
+  mi, mt, on = pec.mask_pairs(z_i, z_t, ids, jax.random.key(0), jnp.float32(1.0))
+  own = np.asarray(pec.token_mask(ids, 40))
+  assert bool(on)
+  np.testing.assert_array_equal(mi, np.where(own, z_i, 0))  # row k: caption k's tokens
+  np.testing.assert_array_equal(mt, np.where(own, z_t, 0))
+  # Captions masked exactly as mask_captions does with the same key.
+  np.testing.assert_array_equal(mt, pec.mask_captions(z_t, ids, jax.random.key(0),
+                                                      jnp.float32(1.0))[0])
+  si, st, on = pec.mask_pairs(z_i, z_t, ids, jax.random.key(0), jnp.float32(0.0))
+  assert not bool(on)
+  np.testing.assert_array_equal(si, z_i)
+  np.testing.assert_array_equal(st, z_t)
+
+
 # ----------------------------------------------------------------------------------------------
 # The train step.
 

@@ -81,7 +81,9 @@ def test_dense_rerank_orders_by_the_integrated_score(setup):
   out, n = setup["outputs"], setup["outputs"].e_i.shape[0]
   e_q, z_q = _independent_query(setup, text)
   sparse = out.z_i.toarray() @ z_q
-  integrated = 0.3 * (out.e_i @ e_q) / out.tau + 0.7 * sparse
+  # The eval's official integrated score (eval.integrated="cosine"): no τ on the dense part.
+  assert setup["searcher"].meta["integrated"] == "cosine"
+  integrated = 0.3 * (out.e_i @ e_q) + 0.7 * sparse
   hits = setup["searcher"].search(text, k=4, rerank="dense", candidates=n)
   # Every image with a positive sparse score is a candidate when candidates >= N.
   pool = np.flatnonzero(sparse > 0)

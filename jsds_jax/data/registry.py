@@ -9,10 +9,15 @@ attributes), by `name`:
     dataset           name recorded in caches, e.g. "coco", "flickr30k" (default: the file's
                       "dataset" field)
     include_restval   whether "train" takes "restval" too (default: yes for COCO files)
+    train_splits      the Karpathy splits "train" is made of, overriding include_restval when
+                      given: ("train", "restval") = COCO's 113,287 images, ("train",) = 82,783
+                      (what holi-lab/mm-sparse-retrieval's data module selects, `split ==
+                      "train"`): an epoch of 0.73x the steps. Default () = include_restval.
     skip_bad          drop bad captions / missing images instead of failing (default False)
   name="coco_tfds"  tfds coco_captions/2014, already prepared (needs the `tfds` extra)
     data_dir          tfds data folder (default: tfds' own default)
     include_restval   "train" = train + restval, the 113k Karpathy set (default True)
+    train_splits      as for karpathy
     download          let tfds download and prepare it (default False)
     skip_bad          drop empty captions (default False)
   name="demo"       Tux Paint stamps from Debian, built on first use (about 160 MB download)
@@ -102,6 +107,23 @@ def corpus_json(data_config: Any) -> tuple[pathlib.Path, pathlib.Path, str]:
   json_path, dataset = corpus.select(full_json, sources, test_sources,
                                      _max_test_images(data_config))
   return json_path, corpus.corpus_paths(cache_dir / "corpus")[1], dataset
+TRAIN_SPLITS = ("train", "restval")
+
+
+def include_restval(data_config: Any, default: Any) -> Any:
+  """Whether "train" takes "restval": `train_splits` when given, else `include_restval`
+  (else `default`).
+
+  Raises:
+    ValueError: `train_splits` names something other than "train" and "restval", or lacks
+      "train".
+  """
+  splits = tuple(_get(data_config, "train_splits", ()) or ())
+  if not splits:
+    return _get(data_config, "include_restval", default)
+  if "train" not in splits or not set(splits) <= set(TRAIN_SPLITS):
+    raise ValueError(f"data.train_splits={splits!r}: use ('train',) or ('train', 'restval')")
+  return "restval" in splits
 
 
 def load_split(data_config: Any, split: str) -> RetrievalSplit:
@@ -113,12 +135,12 @@ def load_split(data_config: Any, split: str) -> RetrievalSplit:
         os.path.expanduser(_get(data_config, "json")),
         os.path.expanduser(_get(data_config, "image_root")), split,
         dataset_name=_get(data_config, "dataset", None) or None, skip_bad=skip_bad,
-        include_restval=_get(data_config, "include_restval", None))
+        include_restval=include_restval(data_config, None))
   if name == "coco_tfds":
     data_dir = _get(data_config, "data_dir", None)
     return coco_tfds.load_coco_tfds(
         split, data_dir=os.path.expanduser(data_dir) if data_dir else None,
-        karpathy=bool(_get(data_config, "include_restval", True)),
+        karpathy=bool(include_restval(data_config, True)),
         download=bool(_get(data_config, "download", False)), skip_bad=skip_bad)
   if name == "demo":
     cache_dir = pathlib.Path(_get(data_config, "cache_dir", "cache/demo")).expanduser()

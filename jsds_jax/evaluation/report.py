@@ -35,7 +35,8 @@ def notes_for(meta: Mapping[str, Any] | None, w1: float, w2: float) -> list[str]
 def build(per_kind: Mapping[str, Mapping[str, Any]], sparsity: Mapping[str, float],
           pruning: Sequence[Mapping[str, Any]], *, w1: float, w2: float, tau: float,
           split: Mapping[str, Any], checkpoint: str, mode: str | None,
-          notes: Sequence[str]) -> dict[str, Any]:
+          notes: Sequence[str], integrated_formula: str = "w1·cos/τ + w2·z_t·z_i",
+          lexical: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """report.json's object.
 
   Args:
@@ -45,6 +46,8 @@ def build(per_kind: Mapping[str, Mapping[str, Any]], sparsity: Mapping[str, floa
     w1, w2, tau: the integrated score's weights and the temperature.
     split: {"dataset", "name", "num_images", "num_captions", "cache"}.
     checkpoint: the checkpoint path; mode: its train.mode; notes: `notes_for(...)` and more.
+    integrated_formula: how the integrated line scores (`scores.INTEGRATED_FORMULAS`).
+    lexical: `lexical.lexical_metrics_of(...)`, or None when it could not be computed.
   """
   return {
       "t2i": {kind: m["t2i"] for kind, m in per_kind.items()},
@@ -52,6 +55,8 @@ def build(per_kind: Mapping[str, Mapping[str, Any]], sparsity: Mapping[str, floa
       "sparsity": dict(sparsity), "pruning": list(pruning),
       "w1": w1, "w2": w2, "tau": tau, "split": dict(split),
       "checkpoint": str(checkpoint), "mode": mode, "notes": list(notes),
+      "integrated_formula": integrated_formula,
+      **({"lexical": dict(lexical)} if lexical else {}),
   }
 
 
@@ -93,8 +98,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"| {row['k'] or 'all'} | {_fmt(row['caption_nnz'], 1)} | "
                  f"{_fmt(row['image_nnz'], 1)} | {_fmt(row['flops'], 3)} | "
                  f"{_fmt(row['sparse_R@1'])} | {_fmt(row['integrated_R@1'])} |")
+  if report.get("lexical"):
+    from jsds_jax.evaluation import lexical  # pylint: disable=g-import-not-at-top
+    lines += [""] + lexical.render_markdown(report["lexical"])
   lines += [""] + [f"Note: {n}" for n in report.get("notes", [])]
-  lines.append(f"\nw1 = {report['w1']}, w2 = {report['w2']}, τ = {report['tau']:.4g}.")
+  formula = report.get("integrated_formula", "w1·cos/τ + w2·z_t·z_i")
+  lines.append(f"\nIntegrated score = {formula}; w1 = {report['w1']}, w2 = {report['w2']}, "
+               f"τ = {report['tau']:.4g}.")
   if "rerank" in report:
     from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
     lines += ["", rerank.render_markdown(report["rerank"]["table"])]

@@ -17,6 +17,22 @@ from jsds_jax.models.tail import dense_tail
 from jsds_jax.models.tail import jsds
 
 KINDS = ("dense", "sparse", "integrated")
+# eval.integrated: the dense part of the integrated eval score. "cosine" is the official eval's
+# (no τ); "tau" is the score the training loss uses.
+INTEGRATED_FORMULAS = {"cosine": "w1·cos + w2·z_t·z_i", "tau": "w1·cos/τ + w2·z_t·z_i"}
+
+
+def check_integrated(integrated: str) -> str:
+  if integrated not in INTEGRATED_FORMULAS:
+    raise ValueError(f"eval.integrated must be one of {sorted(INTEGRATED_FORMULAS)}, got "
+                     f"{integrated!r}")
+  return integrated
+
+
+def integrated_dense(out: Any, integrated: str = "cosine") -> np.ndarray:
+  """(num_captions, num_images) the dense part of the integrated score: cos or cos/τ."""
+  tau = 1.0 if check_integrated(integrated) == "cosine" else out.tau
+  return np.asarray(jsds.dense_scores(out.e_i, out.e_t, tau)).T
 
 
 def retrieval(scores: Mapping[str, np.ndarray],
@@ -60,20 +76,24 @@ def sparse_score_matrix(z_t: sp.csr_matrix, z_i: sp.csr_matrix,
   return out
 
 
-def score_matrices(out: Any, w1: float, w2: float) -> dict[str, np.ndarray]:
+def score_matrices(out: Any, w1: float, w2: float,
+                   integrated: str = "cosine") -> dict[str, np.ndarray]:
   """Dense, sparse and integrated scores of every caption against every image.
 
   Args:
     out: the split's `tail_outputs.TailOutputs`.
     w1, w2: the integrated score's weights.
+    integrated: "cosine" (the official eval, no τ: w1·cos + w2·sparse) or "tau" (the training
+      loss's w1·cos/τ + w2·sparse); see `INTEGRATED_FORMULAS`.
 
   Returns:
     {"dense", "sparse", "integrated"}: (num_captions, num_images) float32; dense = e·e/τ.
   """
   dense = np.asarray(jsds.dense_scores(out.e_i, out.e_t, out.tau)).T
   sparse = sparse_score_matrix(out.z_t, out.z_i)
-  integrated = np.asarray(jsds.integrated_scores(dense, sparse, w1, w2), np.float32)
-  return {"dense": dense, "sparse": sparse, "integrated": integrated}
+  part = integrated_dense(out, integrated)
+  integ = np.asarray(jsds.integrated_scores(part, sparse, w1, w2), np.float32)
+  return {"dense": dense, "sparse": sparse, "integrated": integ}
 
 
 def zero_shot_scores(tail_init: Mapping[str, np.ndarray],

@@ -55,7 +55,7 @@ def model_metadata(backbone_name: str, weights_hash: str, vocab_size: int,
 
 def write(out_dir: pathlib.Path, out: Any, params: Mapping[str, Any], cache: Mapping[str, Any],
           config: ml_collections.ConfigDict, model: dict[str, Any],
-          w1: float, w2: float) -> pathlib.Path:
+          w1: float, w2: float, integrated: str = "tau") -> pathlib.Path:
   """The exact index of the image sparse vectors and what `search` needs beside it.
 
   Args:
@@ -66,6 +66,8 @@ def write(out_dir: pathlib.Path, out: Any, params: Mapping[str, Any], cache: Map
     config: the run's config, stored so `search` loads the same backbone.
     model: `model_metadata`, recorded in the index and checked when it is loaded.
     w1, w2: the integrated score's weights.
+    integrated: the eval's integrated formula ("cosine" or "tau"), which `search --rerank
+      dense` follows.
 
   Returns:
     The index folder.
@@ -79,7 +81,7 @@ def write(out_dir: pathlib.Path, out: Any, params: Mapping[str, Any], cache: Map
   items = cache["items"]
   feature_cache.atomic_write_json(out_dir / SEARCH_META, {
       "model": model, "config": json.loads(config.to_json_best_effort()),
-      "w1": w1, "w2": w2, "tau": out.tau,
+      "w1": w1, "w2": w2, "tau": out.tau, "integrated": integrated,
       "dataset": cache["meta"].get("dataset"), "split": cache["meta"].get("split"),
       "image_ids": [str(x) for x in items["image_ids"]],
       "image_sources": [str(x) for x in items["image_sources"]],
