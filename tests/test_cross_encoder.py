@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jsds_jax import metrics
+from jsds_jax.evaluation import metrics
 from jsds_jax.evaluation import cross_encoder
 from jsds_jax.models.trunk import bert
 from jsds_jax.models.trunk import blip_itm
