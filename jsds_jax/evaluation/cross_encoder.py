@@ -197,7 +197,7 @@ def itm_lines(scores: Mapping[str, np.ndarray], itc: np.ndarray, cache: Mapping[
   Returns:
     {"<name>+itm": {"t2i": {R@1, R@5, R@10, MRR@10, rsum}, "i2t": {...}}}.
   """
-  from jsds_jax import metrics  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   cap_index = np.asarray(cache["caption_image_index"])
   fns = {d: blip_logit_fn(module, params, cache["text_token_ids"], cache["image_tokens"], d)
          for d in ("t2i", "i2t")}
