@@ -127,6 +127,10 @@ _DOCS = (sorted(_CONFIGS.glob("*.py")) + sorted((_REPO / "jsds_jax").glob("*.py"
          + [_REPO / "README.md", _REPO / "launch" / "README.md"])
 
 
+# The README shows what a misspelt field prints: that example must fail, not parse.
+_DELIBERATE_TYPOS = {"--config.train.batchsize=8"}
+
+
 def _documented_commands():
   """(file, config path with its arg or None, [--config.x=y overrides]) per documented command:
   each `--config FILE[:ARG]` with the overrides on its (backslash-continued) line, and each
@@ -139,7 +143,7 @@ def _documented_commands():
       # "=..." stands for any value; a trailing "." or ":" ends the sentence, not the value.
       overrides = [o.rstrip(".:")
                    for o in re.findall(r"--config\.[a-z_.]+=[^\s`,;)\"']+", line)
-                   if not o.endswith("=...")]
+                   if not o.endswith("=...") and o not in _DELIBERATE_TYPOS]
       config = re.search(r"--config[ =](configs/[a-z_]+\.py(?::[a-z_=,0-9]+)?)", line)
       if config or overrides:
         out.append((path.name, config.group(1) if config else None, overrides))

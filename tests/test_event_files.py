@@ -1,7 +1,7 @@
 """Purging a killed run's replayed steps from its TensorBoard event files."""
 
 from jsds_jax import event_files
-from jsds_jax import train
+from jsds_jax import metric_writer
 
 
 def _steps(directory):
@@ -17,7 +17,7 @@ def _steps(directory):
 
 def _write(directory, steps, purge_step=None, suffix=""):
   # A suffix: two writers started within one second would otherwise share a file name.
-  writer = train._tensorboardx().SummaryWriter(  # pylint: disable=protected-access
+  writer = metric_writer._tensorboardx().SummaryWriter(  # pylint: disable=protected-access
       str(directory), purge_step=purge_step, filename_suffix=suffix)
   for step in steps:
     writer.add_scalar("train/loss", float(step), step)

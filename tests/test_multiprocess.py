@@ -291,7 +291,7 @@ def test_two_train_processes_match_one_survive_a_kill_and_resume(tmp_path, caplo
       if p.poll() is None:
         p.kill()
         p.wait()
-  resumed = f"resumed from {run / 'checkpoints' / str(killed_ckpt)}"
+  resumed = f"resuming from step {killed_ckpt}: {run / 'checkpoints' / str(killed_ckpt)}"
   assert resumed in (run / "log.0").read_text(), _log(run / "log.0")
   result = json.loads((run / "result.json").read_text())
   assert (result["status"], result["step"]) == ("completed", STEPS), result
@@ -312,7 +312,7 @@ def test_two_train_processes_match_one_survive_a_kill_and_resume(tmp_path, caplo
   config = _tiny_config(features, features_layout="sharded")
   with caplog.at_level(logging.INFO):
     again = train.train_and_evaluate(config, run)
-  assert f"resumed from {run / 'checkpoints' / str(STEPS)}" in caplog.text
+  assert f"resuming from step {STEPS}: {run / 'checkpoints' / str(STEPS)}" in caplog.text
   assert (again["status"], again["step"]) == ("completed", STEPS)
   config.train.features_layout = "replicated"
   with pytest.raises(checkpoint.CheckpointError, match="features_layout: 'sharded/4'"):
