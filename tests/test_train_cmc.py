@@ -80,21 +80,6 @@ def test_reranked_ranks_hand_made():
 # ---------------------------------------------------------------------------------- training
 
 
-def _write_split(directory, image, text, caption_image_index):
-  directory.mkdir(parents=True)
-  arrays = {"image_pooled": image, "text_pooled": text,
-            "caption_image_index": caption_image_index}
-  for name, array in arrays.items():
-    feature_cache.atomic_save_npy(directory / f"{name}.npy", array)
-  feature_cache.atomic_write_json(directory / feature_cache.ITEMS, {
-      "image_ids": list(range(len(image))), "image_sources": [""] * len(image),
-      "captions": [f"caption {i}" for i in range(len(text))]})
-  feature_cache.atomic_write_json(directory / feature_cache.META, {
-      "backbone": "fake", "weights_hash": "f" * 64, "dataset": "fake",
-      "split": directory.name, "num_images": len(image), "num_captions": len(text),
-      "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
-
-
 @pytest.fixture(scope="module")
 def tail(tmp_path_factory):
   """Fake feature caches and a tail for them: (config, tail workdir)."""
@@ -105,7 +90,7 @@ def tail(tmp_path_factory):
     image = rng.normal(size=(n_img, D_IMG)).astype(np.float32)
     cap_img = np.repeat(np.arange(n_img), 2)
     text = image[cap_img] @ mix + 0.5 * rng.normal(size=(2 * n_img, D_TXT)).astype(np.float32)
-    _write_split(root / split, image, text, cap_img)
+    testing_utils.write_split(root / split, image, text, cap_img)
   proj = lambda d: rng.normal(size=(d, EMBED)).astype(np.float32) / np.sqrt(d)
   feature_cache.save_tail_init(root.parent / feature_cache.TAIL_INIT, {
       "word_embeddings": rng.normal(size=(VOCAB, WORD_DIM)).astype(np.float32) * 0.1,

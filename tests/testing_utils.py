@@ -1,4 +1,5 @@
-"""Helpers several test files share: the tiny config, and environments for JAX subprocesses."""
+"""Helpers several test files share: the tiny config, environments for JAX subprocesses, and a
+hand-made feature cache."""
 
 import importlib.util
 import os
@@ -59,3 +60,20 @@ def jax_subprocess_env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[s
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
   return env
+
+
+def write_split(directory, image, text, caption_image_index):
+  """A finished feature cache, as `encode` writes it (see data/feature_cache.py)."""
+  from jsds_jax.data import feature_cache  # pylint: disable=g-import-not-at-top
+  directory.mkdir(parents=True)
+  arrays = {"image_pooled": image, "text_pooled": text,
+            "caption_image_index": caption_image_index}
+  for name, array in arrays.items():
+    feature_cache.atomic_save_npy(directory / f"{name}.npy", array)
+  feature_cache.atomic_write_json(directory / feature_cache.ITEMS, {
+      "image_ids": list(range(len(image))), "image_sources": [""] * len(image),
+      "captions": [f"caption {i}" for i in range(len(text))]})
+  feature_cache.atomic_write_json(directory / feature_cache.META, {
+      "backbone": "fake", "weights_hash": "f" * 64, "dataset": "fake",
+      "split": directory.name, "num_images": len(image), "num_captions": len(text),
+      "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
