@@ -78,8 +78,8 @@ class TrainingDivergedError(RuntimeError):
 
 def feature_dirs(config: ml_collections.ConfigDict, splits: Sequence[str],
                  backbone: Any = None) -> dict[str, pathlib.Path]:
-  """{split: feature-cache dir}: `train.features`'s subfolders, else `encode`'s (built if
-  missing, found without re-encoding if complete)."""
+  """{split: feature-cache dir}: `train.features`'s subfolders, else `encode`'s (found from its
+  note without loading the backbone when finished, built if missing)."""
   if config.train.features:
     root = pathlib.Path(config.train.features).expanduser()
     dirs = {s: root / s for s in splits}
@@ -87,6 +87,8 @@ def feature_dirs(config: ml_collections.ConfigDict, splits: Sequence[str],
       if not feature_cache.is_complete(d):
         raise feature_cache.CacheError(f"train.features='{root}' has no finished cache '{d}'")
     return dirs
+  if backbone is None and (found := encode.cached_dirs(config, splits)):
+    return found
   return encode.encode(config, splits=list(splits), progress=config.train.progress,
                        backbone=backbone)
 

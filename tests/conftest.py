@@ -4,8 +4,22 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it is set he
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# One persistent XLA compilation cache for the whole run: both xdist workers (they inherit this
+# environment) and every JAX subprocess a test starts (`testing_utils.jax_subprocess_env`). Many
+# tests build the same tiny train step or tower; each is compiled once per run, not once per
+# test. Made fresh for the run and removed at its end by the process that made it.
+if "JSDS_TEST_JIT_CACHE" not in os.environ:
+  os.environ["JSDS_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="jsds_jax_test_jit_cache_")
+  _MADE_JIT_CACHE = True
+else:
+  _MADE_JIT_CACHE = False
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["JSDS_TEST_JIT_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +31,12 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "network: downloads from Debian's package archive (the real demo data)")
   config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _MADE_JIT_CACHE:
+    shutil.rmtree(os.environ["JSDS_TEST_JIT_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

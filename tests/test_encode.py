@@ -205,6 +205,24 @@ def test_encode_all_splits_and_tail_init(tmp_path):
   summary = encode.describe(dirs)
   assert "image_pooled" in summary and str(dirs["test"]) in summary
 
+  # Finished: found again from encode's note, without loading the backbone.
+  assert encode.cached_dirs(config, ["train", "test"]) == {s: dirs[s] for s in ("train", "test")}
+  config.backbone.max_text_len = 8  # another tokenisation: another cache, not built yet
+  assert encode.cached_dirs(config, ["train"]) is None
+
+
+def test_cached_dirs_falls_back_when_the_weight_files_change(tmp_path, tiny_backbone):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = _config(tmp_path)
+  weights = tmp_path / "weights.bin"
+  weights.write_bytes(b"v1")
+  backbone = dataclasses.replace(tiny_backbone, weight_files=(str(weights),))
+  out = encode.encode(config, splits=["val"], progress=False, backbone=backbone)
+  assert encode.cached_dirs(config, ["val"]) == out
+  assert encode.cached_dirs(config, ["val", "test"]) is None  # test was never encoded
+  weights.write_bytes(b"v2, a new file of another size")
+  assert encode.cached_dirs(config, ["val"]) is None
+
 
 def test_sigkill_then_rerun_gives_identical_cache(tmp_path):
   """A real `python -m jsds_jax.encode` killed with SIGKILL mid-split, then run again."""

@@ -300,12 +300,9 @@ def test_eval_and_search_binaries(trained_run, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   config, workdir = trained_run
-  # One persistent compilation cache for both processes: the search binary then reuses the
-  # tiny backbone's compiled programs instead of compiling them again.
-  env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # The run's persistent compilation cache (conftest.py) is in the environment: the search
+  # binary reuses the tiny backbone's compiled programs instead of compiling them again.
+  env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   overrides = [f"--config.data.cache_dir={config.data.cache_dir}",
                f"--config.encode.cache_root={config.encode.cache_root}",
                "--config.data.num_images=100"]

@@ -53,6 +53,8 @@ def jax_subprocess_env(devices: int, jax_cache: pathlib.Path, **extra) -> dict[s
   Inherited JSDS_/SLURM_/JAX_ settings are dropped so the run's own contract is all it sees; a
   persistent compilation cache shared by the subprocesses of a test skips repeated compiles.
   """
+  # The run's shared compilation cache (conftest.py), else the test's own.
+  jax_cache = os.environ.get("JSDS_TEST_JIT_CACHE", jax_cache)
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JSDS_", "SLURM_", "XLA_FLAGS", "JAX_"))}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",

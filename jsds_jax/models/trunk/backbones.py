@@ -13,6 +13,7 @@
 from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
+import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,9 @@ class Backbone:
       None when it has none.
     word_embeddings: (V, d_w) the text encoder's word embeddings (the sparse head ties to them).
     weights_hash: sha256 of the weights, recorded in caches and checkpoints.
+    weight_files: the files `weights_hash` was computed from (empty for `tiny`, whose weights
+      follow from its config): `encode` notes their size and mtime so that a later run finds its
+      cache without loading and hashing them again.
   """
 
   name: str
@@ -55,6 +59,7 @@ class Backbone:
   text_proj: dict | None
   word_embeddings: np.ndarray
   weights_hash: str
+  weight_files: tuple[str, ...] = ()
 
   @property
   def image_dim(self) -> int:
@@ -100,6 +105,12 @@ def hf_tokenizer_fn(tokenizer, max_len: int) -> Callable[[Sequence[str]], tuple]
   return tokenize
 
 
+def _hashed(*paths) -> dict[str, Any]:
+  """The `weights_hash` and `weight_files` fields of a Backbone built from these files."""
+  return {"weights_hash": hash_files(*paths),
+          "weight_files": tuple(str(pathlib.Path(p).resolve()) for p in paths)}
+
+
 def hash_files(*paths) -> str:
   """sha256 over the bytes of the given files, in order."""
   h = hashlib.sha256()
@@ -142,7 +153,7 @@ def _load_lit(config) -> Backbone:
       image_size=image.image_size, image_mean=image.image_mean, image_std=image.image_std,
       image_resize=image.image_resize, max_text_len=config.max_text_len,
       image_proj=None, text_proj=None, word_embeddings=word_embeddings,
-      weights_hash=hash_files(image.weights_path, text_dir / "model.safetensors"))
+      **_hashed(image.weights_path, text_dir / "model.safetensors"))
 
 
 def _require_checkpoint(config) -> str:
@@ -168,7 +179,7 @@ def _from_vit_bert(name: str, m, weight_file, config) -> Backbone:
       image_size=m.image_size, image_mean=m.image_mean, image_std=m.image_std,
       image_resize="squash", max_text_len=config.max_text_len, image_proj=m.vision_proj,
       text_proj=m.text_proj, word_embeddings=m.word_embeddings,
-      weights_hash=hash_files(weight_file))
+      **_hashed(weight_file))
 
 
 def _load_blip(config) -> Backbone:
@@ -201,7 +212,7 @@ def _load_clip(config) -> Backbone:
       image_size=m.image_size, image_mean=m.mean, image_std=m.std,
       image_resize="shorter_crop", max_text_len=config.max_text_len,
       image_proj=m.projections["image"], text_proj=m.projections["text"],
-      word_embeddings=m.word_embeddings, weights_hash=hash_files(m.weight_file))
+      word_embeddings=m.word_embeddings, **_hashed(m.weight_file))
 
 
 def _load_tiny(config) -> Backbone:
