@@ -33,6 +33,20 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+# The longest tests, in the order they should start (longest first) so that `pytest -n 2`
+# never ends with one worker alone on a long test. A module named here keeps its tests together
+# (they share module-scoped fixtures); every other module follows in collection order.
+FIRST = ("test_readme_search.py", "test_last_block_run.py", "test_multiprocess.py",
+         "test_multiprocess_encode.py", "test_train.py", "test_train_cmc.py", "test_eval_itm.py",
+         "test_main.py", "test_eval.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: i for i, name in enumerate(FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: keeps the rest
+
+
 def pytest_unconfigure(config):
   del config
   if _MADE_JIT_CACHE:
