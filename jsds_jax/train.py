@@ -282,7 +282,7 @@ def setup(config: ml_collections.ConfigDict,
   data = train_data.TrainData(dirs["train"], train_cache, mesh, seed=config.seed,
                               batch_size=tc.batch_size, layout=layout,
                               token_ids=bool(tc.pec) or "text" in blocks,
-                              stream_sides=tuple(blocks))
+                              stream_sides=tuple(blocks), dtype=tc.features_dtype)
   total_steps = tc.num_epochs * data.steps_per_epoch
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   tail_init = feature_cache.load_tail_init(feature_cache.tail_init_path(dirs["train"]))

@@ -27,6 +27,19 @@ def position(step: int, steps_per_epoch: int) -> tuple[int, int]:
   return divmod(int(step), int(steps_per_epoch))
 
 
+FEATURE_DTYPES = ("", "float32", "bfloat16")
+
+
+def features_dtype(name: str | None) -> np.dtype | None:
+  """`train.features_dtype` as a dtype (None: keep the cache's); ValueError naming the field."""
+  if name in (None, ""):
+    return None
+  if name not in FEATURE_DTYPES:
+    raise ValueError(f"train.features_dtype must be one of {list(FEATURE_DTYPES)} ('' keeps the "
+                     f"cache's), got {name!r}")
+  return np.dtype(jax.numpy.dtype(name))
+
+
 class TrainData:
   """The batches of one train split's feature cache.
 
@@ -38,21 +51,25 @@ class TrainData:
     batch_size: images (= captions) per step.
     layout: "replicated" or "sharded" (`train.features_layout` resolved).
     token_ids: also put the captions' token ids on the devices (PEC, a text last block).
+    dtype: the features' dtype on the devices ("" or None keeps the cache's; e.g. "bfloat16").
     stream_sides: the sides whose token states are streamed ("image", "text"); () for none.
   """
 
   def __init__(self, cache_dir: str | os.PathLike, cache: Mapping[str, Any],
                mesh: jax.sharding.Mesh, *, seed: int, batch_size: int, layout: str,
-               token_ids: bool = False, stream_sides: tuple[str, ...] = ()):
+               token_ids: bool = False, stream_sides: tuple[str, ...] = (),
+               dtype: str | None = None):
     self.mesh, self.seed, self.batch_size = mesh, seed, batch_size
+    dtype = features_dtype(dtype)
     self.caption_image_index = np.asarray(cache["caption_image_index"])
     if layout == "sharded":
       # Each process reads only its devices' shards of the cache (input_pipeline, "sharded").
-      self.features, self.layout = input_pipeline.load_sharded_features(cache_dir, mesh,
-                                                                        token_ids=token_ids)
+      self.features, self.layout = input_pipeline.load_sharded_features(
+          cache_dir, mesh, dtype, token_ids=token_ids)
       self.steps_per_epoch = self.layout.steps_per_epoch(batch_size)
     else:
-      self.features = input_pipeline.load_device_features(cache_dir, mesh, token_ids=token_ids)
+      self.features = input_pipeline.load_device_features(cache_dir, mesh, dtype,
+                                                         token_ids=token_ids)
       self.layout = None
       self.steps_per_epoch = input_pipeline.steps_per_epoch(self.features.num_images,
                                                             batch_size)

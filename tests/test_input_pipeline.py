@@ -111,3 +111,26 @@ def test_data_position_resumes_at_the_next_batch():
   assert train_data.position(23, steps_per_epoch=10) == (2, 3)
   assert train_data.position(24, 10) == (2, 4)
   assert train_data.position(29, 10) == (2, 9) and train_data.position(30, 10) == (3, 0)
+
+
+def test_train_features_dtype_from_the_config(tmp_path):
+  """`train.features_dtype` reaches the devices through TrainData, in both layouts."""
+  rng = np.random.default_rng(4)
+  arrays = {"image_pooled": rng.normal(size=(8, 3)).astype(np.float32),
+            "text_pooled": rng.normal(size=(8, 2)).astype(np.float32),
+            "caption_image_index": np.arange(8, dtype=np.int64)}
+  for name, arr in arrays.items():
+    feature_cache.atomic_save_npy(tmp_path / f"{name}.npy", arr)
+  feature_cache.atomic_write_json(tmp_path / feature_cache.ITEMS, {})
+  feature_cache.atomic_write_json(tmp_path / feature_cache.META, {"arrays": {
+      k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
+  cache = feature_cache.load_split(tmp_path)
+  for layout in ("replicated", "sharded"):
+    kept = train_data.TrainData(tmp_path, cache, _mesh(2), seed=0, batch_size=2, layout=layout)
+    assert kept.features.image_pooled.dtype == np.float32
+    half = train_data.TrainData(tmp_path, cache, _mesh(2), seed=0, batch_size=2, layout=layout,
+                                dtype="bfloat16")
+    assert half.features.image_pooled.dtype == np.dtype("bfloat16")
+  with pytest.raises(ValueError, match="train.features_dtype must be one of"):
+    train_data.TrainData(tmp_path, cache, _mesh(2), seed=0, batch_size=2, layout="replicated",
+                         dtype="float16")
