@@ -64,7 +64,7 @@ class Evaluator:
       self.classes = lexical.term_classes(list(vocab))
       junk = jnp.asarray(self.classes["junk"], jnp.float32)
     else:
-      junk = jnp.zeros((module.vocab_size,), jnp.float32)
+      junk = None  # no lexical metrics: the blocks carry no top terms or junk weight
     n = self.mesh.size
     most = max(self.h_img.shape[0], self.h_txt.shape[0])
     if np.ndim(self.h_img) == 3 or np.ndim(self.h_txt) == 3:
@@ -81,10 +81,12 @@ class Evaluator:
         # Per term, how many of the block's real rows use it (for FLOPs), counted on the
         # devices so that the (block, V) vectors never travel to the host.
         valid = (jnp.arange(h.shape[0]) < n_valid)[:, None]
+        counts = jnp.sum((z != 0) & valid, axis=0, dtype=jnp.int32)
+        if junk is None:
+          return e, z, counts
         zf = z.astype(jnp.float32)
         top_w, top_ids = jax.lax.top_k(zf, lexical.TOP_K)  # ties: the smaller id, as top_terms
-        return (e, z, jnp.sum((z != 0) & valid, axis=0, dtype=jnp.int32), top_ids, top_w,
-                zf @ junk, jnp.sum(zf, axis=-1))
+        return e, z, counts, top_ids, top_w, zf @ junk, jnp.sum(zf, axis=-1)
       return jit(encode)
 
     self._encode = {"image": encoder(jsds.JSDSTail.encode_image),
@@ -101,9 +103,9 @@ class Evaluator:
                                             self.w1, self.w2)
 
   def _encoded_blocks(self, params, h: np.ndarray, kind: str, token_ids=None):
-    """Yields (real rows, e (block, P), z (block, V), term counts (V,), top-k ids and weights
-    (block, k), junk and total weight (block,)) per block of h; the last block is padded with
-    zero rows (and -1 token ids)."""
+    """Yields (real rows, e (block, P), z (block, V), term counts (V,)[, top-k ids and weights
+    (block, k), junk and total weight (block,) when there are lexical metrics]) per block of h;
+    the last block is padded with zero rows (and -1 token ids)."""
     for start in range(0, h.shape[0], self.block):
       chunk = np.asarray(h[start:start + self.block], np.float32)
       x = jax.device_put(sharding.pad_rows(chunk, self.block), self._rows)
