@@ -13,6 +13,11 @@ For each K it measures, one query at a time:
                         (`nn.TransformerEncoder` of the gated `nn.TransformerEncoderLayer`, eval
                         mode, `inference_mode`) on the same inputs: what the paper's code costs
 
+With --itm N [N ...] it also times, in the same run on the same thread, BLIP-base's ITM
+cross-encoder (`bench/itm.py`'s `time_itm`: 384 px, 577 image tokens, 35 text tokens, random
+weights, t2i) over N candidates per query, and prints every CMC(K) / ITM(N) ratio: the paper's
+claim is that CMC over ~10K candidates costs about what a cross-encoder pays for 16.
+
 and prints the median latency, the CMC / sparse-first-stage ratio (the stage's overhead, both
 measured in this run), CMC's cost per candidate, its analytic FLOPs (and the share of
 attention's K² terms), the rate reached (GFLOP/s), and XLA's compiled memory (arguments +
@@ -25,6 +30,7 @@ thread.
 
   .venv/bin/python bench/cmc.py                                # K = 16 .. 10,000
   .venv/bin/python bench/cmc.py --ks 16 64 256 1000 --mlp-dim 512
+  .venv/bin/python bench/cmc.py --ks 16 1000 10000 --no-torch --itm 16 64 --itm-chunk 16
 """
 
 import os
@@ -68,6 +74,11 @@ def _parse(argv):
                  "this process may use)")
   p.add_argument("--json", type=str, default="", help="also write the rows here")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--itm", type=int, nargs="*", default=[],
+                 help="also time BLIP-base ITM over these candidate counts (e.g. 16 64 256)")
+  p.add_argument("--itm-chunk", type=int, default=None,
+                 help="ITM candidates per compiled call (bounds memory; see bench/itm.py)")
+  p.add_argument("--itm-repeats", type=int, default=3)
   return p.parse_args(argv)
 
 
@@ -232,8 +243,30 @@ def main(argv=None):
           f"{r['gflops_per_s']:.1f} | {mem} | {tms} |")
   if any(r["blocked"] for r in rows):
     print(f"\n¹ attention in query blocks of {args.block}.")
+  itm_rows = _itm_ratios(args, rows) if args.itm else []
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    pathlib.Path(args.json).write_text(json.dumps({"cmc": rows, "itm": itm_rows}, indent=1)
+                                       if itm_rows else json.dumps(rows, indent=1))
+
+
+def _itm_ratios(args, rows):
+  """Times BLIP-base ITM (t2i) over each --itm candidate count on this thread and prints
+  CMC(K) / ITM(N) for every measured K: below 1, CMC over K costs less than ITM over N."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  import itm as itm_bench  # bench/itm.py
+  itm_rows = []
+  for n in args.itm:
+    t = itm_bench.time_itm(n, "t2i", repeats=args.itm_repeats, chunk=args.itm_chunk)
+    itm_rows.append({"N": n, "itm_ms": 1e3 * t.seconds, "runs_ms": [1e3 * r for r in t.runs]})
+    print(json.dumps(itm_rows[-1]), flush=True)
+  print("\nCMC over K candidates / BLIP-base ITM over N (t2i), same thread, same run:\n")
+  print("| K | CMC ms | " + " | ".join(f"/ ITM over {r['N']} ({r['itm_ms']:.0f} ms)"
+                                      for r in itm_rows) + " |")
+  print("|---|---|" + "---|" * len(itm_rows))
+  for r in rows:
+    print(f"| {r['K']} | {r['cmc_ms']:.2f} | " +
+          " | ".join(f"{r['cmc_ms'] / i['itm_ms']:.3f}" for i in itm_rows) + " |")
+  return itm_rows
 
 
 if __name__ == "__main__":

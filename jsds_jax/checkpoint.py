@@ -55,7 +55,8 @@ RESUME_KEYS = ("backbone", "weights_hash", "dataset", "image_dim", "text_dim", "
                "vocab_size", "word_dim", "use_bias", "use_vocab_bias", "mode", "batch_size",
                "steps_per_epoch", "seed", "features_layout", "last_block")
 # What a field means when a checkpoint written before it existed lacks it.
-_ABSENT_MEANS = {"last_block": ""}
+# Fields older checkpoints lack, and what their absence meant then.
+_ABSENT_MEANS = {"last_block": "", "input_scale": 1.0, "teacher": "first_stage"}
 TAIL_KEYS = ("backbone", "weights_hash", "image_dim", "text_dim")
 
 

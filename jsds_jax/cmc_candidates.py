@@ -7,7 +7,9 @@ golds excluded. Every gold is marked as a positive, so in image→text an image'
 never act as negatives; a text→image query has the one image of its caption. With fewer than C
 documents every document is a candidate.
 
-Beside each candidate the first stage's score is kept: it is the teacher of CMC's KL term.
+Beside each candidate the first stage's score is kept: it is the teacher of CMC's KL term,
+unless `cross_encoder_teacher` replaces it by a cross-encoder's logits (BLIP's ITM), computed
+once per (query, candidate) pair and cached beside the candidates.
 
 Mining applies the trained tail to the split (`tail_outputs.apply_tail`), so it is cached like
 encode's features: `<root>/<key>/{meta.json, <direction>.npz}` where the key hashes the tail's
@@ -156,7 +158,7 @@ def mine(params: Mapping[str, Any], split_dir: str | os.PathLike, *, first_stage
 
   Returns:
     {"candidates": {direction: Candidates}, "image_emb": (N_i, D), "caption_emb": (N_c, D),
-    "dir": the cache folder, "tail_hash": str}.
+    "dir": the cache folder, "tail_hash": str, "tau": the tail's τ}.
   """
   split_dir = pathlib.Path(split_dir)
   cache = feature_cache.load_split(split_dir)
@@ -169,7 +171,7 @@ def mine(params: Mapping[str, Any], split_dir: str | os.PathLike, *, first_stage
   out = tail_outputs.apply_tail(params, cache, backbone=backbone)
   image_emb, caption_emb = item_embeddings(out, cache, inputs)
   result = {"candidates": {}, "image_emb": image_emb, "caption_emb": caption_emb,
-            "dir": folder, "tail_hash": settings["tail"]}
+            "dir": folder, "tail_hash": settings["tail"], "tau": float(out.tau)}
   scores = None
   for d in directions:
     path = folder / f"{d}.npz"
@@ -189,3 +191,47 @@ def mine(params: Mapping[str, Any], split_dir: str | os.PathLike, *, first_stage
     result["candidates"][d] = cands
   feature_cache.atomic_write_json(folder / "meta.json", settings)
   return result
+
+
+def cross_encoder_teacher(mined: dict[str, Any], split_dir: str | os.PathLike, module: Any,
+                          params: Mapping[str, Any], queries_per_call: int = 8) -> dict[str, Any]:
+  """`mine`'s result with every direction's teacher replaced by BLIP's ITM match logits.
+
+  The logits of each (query, candidate) pair are computed once and cached in the candidates'
+  folder under a key of the cross-encoder's params (`<direction>.itm-<key>.npy`).
+
+  Args:
+    mined: `mine`'s result for `split_dir`.
+    split_dir: the training split's feature cache; it must hold `text_token_ids` and
+      `image_tokens` (encode with encode.image_tokens=True).
+    module, params: the `BlipItm` cross-encoder.
+    queries_per_call: queries whose candidates go to the device together.
+
+  Raises:
+    RerankError: the cache has no image token states or caption token ids.
+  """
+  from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+  cache = feature_cache.load_split(split_dir)
+  missing = [k for k in ("image_tokens", feature_cache.TOKEN_IDS) if k not in cache]
+  if missing:
+    raise rerank.RerankError(
+        f"cmc.teacher='itm' needs {', '.join(missing)} in the training cache '{split_dir}': "
+        "encode a blip backbone with --config.encode.image_tokens=True")
+  key = _params_hash(params)[:16]
+  out = dict(mined, candidates=dict(mined["candidates"]))
+  for d, c in mined["candidates"].items():
+    path = pathlib.Path(mined["dir"]) / f"{d}.itm-{key}.npy"
+    if path.exists():
+      logits = np.load(path)
+    else:
+      fn = ce.blip_logit_fn(module, params, cache[feature_cache.TOKEN_IDS],
+                            cache["image_tokens"], d)
+      logits = np.concatenate([
+          np.asarray(fn(c.query_ids[i:i + queries_per_call],
+                        c.candidates[i:i + queries_per_call]), np.float32)
+          for i in range(0, len(c.query_ids), queries_per_call)])
+      path.parent.mkdir(parents=True, exist_ok=True)
+      feature_cache.atomic_save_npy(path, logits)
+    out["candidates"][d] = dataclasses.replace(c, teacher=logits.astype(np.float32))
+  out["teacher"] = f"itm-{key}"
+  return out

@@ -190,9 +190,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The CMC reranker (DESIGN.md §4; jsds_jax/models/tail/cmc.py, jsds_jax/train_cmc.py).
   c.cmc = ml_collections.ConfigDict()
+  c.cmc.in_main_job = False       # jsds-run trains a CMC on the tail (workdir/cmc), evals + CMC
   c.cmc.init_from = ""            # the trained tail's workdir (or step dir) CMC reranks for
   c.cmc.checkpoint = ""           # eval / search --rerank cmc: the CMC run's workdir
   c.cmc.inputs = "dense"          # dense (the tail's e) | pre_projection (cached h, same width)
+  c.cmc.input_scale = "none"      # none (official) | tau: inputs x τ^-1/2, so fresh CMC = cos/τ
   c.cmc.first_stage = "integrated"  # mines the candidates and teaches: sparse|dense|integrated
   c.cmc.directions = ("t2i", "i2t")  # trained together in one CMC
   c.cmc.num_candidates = 64       # C per training query: gold + top C/2-1 + C/2 random
@@ -205,11 +207,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.cmc.gate = "learned"          # learned (g from gate_init) | fixed (g = gate_init)
   c.cmc.gate_init = -5.0          # the paper's learned start; the official README fixes 0
   c.cmc.alpha = 0.2               # CE weight; 1 - alpha on KL(teacher || CMC)
+  c.cmc.teacher = "first_stage"   # first_stage | itm (BLIP's ITM logits over the mined pairs,
+                                  # once; needs encode.image_tokens=True and a blip backbone)
   c.cmc.temperature = 1.0
+  # The teacher's scores are divided by this before the KL. The integrated score (w1·cos +
+  # w2·sparse, w = 0.1) spans ~0.5 over a query's 64 candidates, so at 1 the teacher is
+  # uniform and the KL teaches CMC to flatten its scores (README "CMC reranker").
+  c.cmc.teacher_temperature = 1.0
   c.cmc.multi_positive = "lse"    # several golds (i2t): lse | uniform (losses.info_nce)
   c.cmc.batch_size = 32           # queries per step, global
   c.cmc.num_epochs = 20
   c.cmc.lr = 1e-4
+  c.cmc.gate_lr = 0.0             # the gate logits' own peak lr (0 = cmc.lr)
   c.cmc.weight_decay = 0.01
   c.cmc.warmup_fraction = 0.1
   c.cmc.clip_norm = 1.0
@@ -220,6 +229,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cmc.checkpoint_every = 200
   c.cmc.keep_checkpoints = 2
   c.cmc.rerank_ks = (16, 64, 256, 1024)  # eval --rerank cmc
+  c.cmc.pipeline_k = 256          # eval --rerank cmc,itm: CMC's K; ITM rescores its top --rerank_k
   c.cmc.attention_block = 1024    # eval: attend in query blocks from this K on (0 = never)
   # Terms the sparse head may never weight (jsds_jax/vocab_mask.py): "none", "special" (special
   # tokens and [unused*], standard in learned sparse retrieval), "special_punct" (+ punctuation),

@@ -127,7 +127,7 @@ def _itm_lines(scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
   if "image_tokens" not in cache or zero_shot is None:
     raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
                     "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
-  first = {**{k: scores[k] for k in scores_lib.KINDS}, "zero_shot": zero_shot}
+  first = {**{k: scores[k] for k in scores_lib.KINDS if k in scores}, "zero_shot": zero_shot}
   return ce.itm_lines(first, zero_shot, cache, module, params, settings)
 
 
@@ -146,15 +146,46 @@ def _load_itm(config: ml_collections.ConfigDict, backbone: Any, k: int, logit_on
   return config, itm
 
 
-def parse_rerank(value: str) -> str:
-  """--rerank's value checked: "", "cmc" or "itm"."""
+def parse_rerank(value: str) -> tuple[str, ...]:
+  """--rerank's value checked: (), ("cmc",), ("itm",) or ("cmc", "itm") (the chain: CMC over
+  the first stage's top K, then ITM over CMC's top k')."""
   stages = [s.strip() for s in value.split(",") if s.strip()]
   if any(s not in ("cmc", "itm") for s in stages):
     raise EvalError(f"--rerank={value!r}: the rerankers are 'cmc' and 'itm'")
-  if len(stages) > 1:
-    raise EvalError(f"--rerank={value!r}: the chained cmc,itm stage is not built yet; run "
-                    "--rerank=cmc and --rerank=itm separately")
-  return stages[0] if stages else ""
+  if len(set(stages)) != len(stages) or stages == ["itm", "cmc"]:
+    raise EvalError(f"--rerank={value!r}: name each stage once, in pipeline order: 'cmc', "
+                    "'itm' or 'cmc,itm'")
+  return tuple(stages)
+
+
+def _pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any], out: Any,
+              scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
+              cache: Mapping[str, Any], cross_encoder: Any) -> dict[str, Any]:
+  """report["pipeline"]: first stage -> CMC (top `cmc.pipeline_k`) -> ITM (top k')."""
+  from jsds_jax import cmc_candidates  # pylint: disable=g-import-not-at-top
+  from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+  if "image_tokens" not in cache or zero_shot is None:
+    raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
+                    "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
+  if not config.cmc.checkpoint:
+    raise rerank.RerankError("--rerank cmc,itm needs the CMC run: set "
+                             "--config.cmc.checkpoint=WORKDIR (python -m jsds_jax.train_cmc)")
+  module, cmc_params, meta = train_cmc.load_cmc(config.cmc.checkpoint, params,
+                                                int(config.cmc.attention_block))
+  image_emb, caption_emb = cmc_candidates.item_embeddings(out, cache,
+                                                          meta.get("inputs", "dense"))
+  itm, itm_params, settings = cross_encoder
+  fns = {d: ce.blip_logit_fn(itm, itm_params, cache["text_token_ids"], cache["image_tokens"], d)
+         for d in ("t2i", "i2t")}
+  k = int(config.cmc.pipeline_k)
+  table = pipeline.pipeline_table({kind: scores[kind] for kind in scores_lib.KINDS},
+                                  np.asarray(cache["caption_image_index"]), image_emb,
+                                  caption_emb, (module, cmc_params), k, fns, settings, zero_shot)
+  return {"checkpoint": str(config.cmc.checkpoint), "k": min(k, int(out.e_i.shape[0])),
+          "k_prime": settings.k, "logit_only": settings.logit_only, "table": table}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +217,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       `config.cmc.checkpoint` (report["rerank"], a table in report.md, rerank.html).
     cross_encoder: None, or (BlipItm module, its params, `cross_encoder.RerankSettings`): adds
       the lines "<first stage>+itm" (each first stage's top k' rescored by BLIP's ITM); the
-      cache must hold `image_tokens`.
+      cache must hold `image_tokens`. With `rerank_with="cmc"` too, report["pipeline"] holds
+      the chain's four lines per first stage (alone, +CMC, +ITM, +CMC+ITM;
+      `evaluation/pipeline.py`), CMC over the top `config.cmc.pipeline_k`.
 
   Returns:
     The report (what report.json holds).
@@ -224,9 +257,16 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     notes.append(zero_shot)
   else:
     per_kind["zero_shot"] = metrics.retrieval_metrics(zero_shot, cap_index)
-  if cross_encoder is not None:
-    per_kind.update(_itm_lines(scores, None if isinstance(zero_shot, str) else zero_shot, cache,
-                               cross_encoder))
+  zs = None if isinstance(zero_shot, str) else zero_shot
+  pipe = None
+  if cross_encoder is not None and rerank_with == "cmc":
+    # The chain's "+ITM" lines are eval's "<first stage>+itm" lines: computed once, here.
+    pipe = _pipeline(config, params, out, scores, zs, cache, cross_encoder)
+    for kind, by_line in pipe["table"].items():
+      per_kind[f"{kind}+itm"] = by_line["+ITM"]
+    per_kind.update(_itm_lines({}, zs, cache, cross_encoder))
+  elif cross_encoder is not None:
+    per_kind.update(_itm_lines(scores, zs, cache, cross_encoder))
   report = report_lib.build(
       per_kind, sparsity_lib.sparsity(out.z_t, out.z_i),
       pruning_lib.pruning_curve(out, scores_lib.integrated_dense(out, integrated), cap_index, w1,
@@ -245,6 +285,8 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     report["rerank"] = rerank.cmc_report(
         config.cmc.checkpoint, params, out.e_i, out.e_t, cache, scores,
         tuple(config.cmc.rerank_ks), int(config.cmc.attention_block))
+  if pipe is not None:
+    report["pipeline"] = pipe
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
     model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size,
@@ -299,9 +341,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     html_report: also write report.html.
     batch_size: rows per device call when applying the tail.
     backbone: `config.backbone` loaded, if the caller has it (loaded here otherwise).
-    rerank: "", "cmc" (the CMC at `config.cmc.checkpoint` over each first stage's top K) or
+    rerank: "", "cmc" (the CMC at `config.cmc.checkpoint` over each first stage's top K),
       "itm" (BLIP's cross-encoder over each first stage's top `rerank_k`; final score ITM logit
-      + ITC similarity, or the logit alone with `rerank_logit_only`).
+      + ITC similarity, or the logit alone with `rerank_logit_only`) or "cmc,itm" (both, and
+      the chain: CMC over the top `config.cmc.pipeline_k`, ITM over CMC's top `rerank_k`).
 
   Raises:
     EvalError: the checkpoint is from another backbone / vocabulary / feature width than the
@@ -321,13 +364,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     config.encode.last_block = True
     logging.info("the checkpoint trains last blocks: using the encode.last_block=True cache")
   itm = None
-  if parse_rerank(rerank) == "itm":
+  stages = parse_rerank(rerank)
+  if "itm" in stages:
     config, itm = _load_itm(config, backbone, rerank_k, rerank_logit_only)
   split_dir = find_or_build_cache(config, split, backbone)
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint).resolve()
   return evaluate(config, params, split_dir, out_dir, meta, backbone=backbone,
                   checkpoint=str(step_dir), html_report=html_report, batch_size=batch_size,
-                  rerank_with="cmc" if parse_rerank(rerank) == "cmc" else "",
+                  rerank_with="cmc" if "cmc" in stages else "",
                   cross_encoder=itm)
 
 
@@ -364,7 +408,8 @@ def run() -> None:
   flags.DEFINE_string("rerank", "", "cmc: also rerank each first stage's top K with the CMC "
                       "run at --config.cmc.checkpoint (report: first stage alone vs + CMC); "
                       "itm: rescore each first stage's top --rerank_k with BLIP's ITM "
-                      "cross-encoder (blip backbones).")
+                      "cross-encoder (blip backbones); cmc,itm: both, and the chain (CMC "
+                      "over the top --config.cmc.pipeline_k, ITM over CMC's top --rerank_k).")
   flags.DEFINE_integer("rerank_k", 128, "Candidates per query the cross-encoder rescores "
                        "(BLIP: 256 COCO, 128 Flickr30k).")
   flags.DEFINE_bool("rerank_logit_only", False, "Rank by the ITM logit alone instead of "

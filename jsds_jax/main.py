@@ -8,6 +8,9 @@ runner only calls their library functions in order, so a stage that is already d
 a complete feature cache is reused, and a finished run in `workdir` is not trained again (an
 interrupted one resumes). The eval table (dense, sparse and integrated retrieval both ways,
 sparsity, the pruning curve) is printed and written with the HTML report to `workdir/eval/`.
+With `cmc.in_main_job` a CMC reranker is trained on the tail in `workdir/cmc/`
+(`jsds_jax.train_cmc`) before the eval, and the report ends with the rerank table: each first
+stage alone vs + CMC over its top K.
 """
 
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ from jsds_jax.evaluation import report as report_lib
 from jsds_jax.models.trunk import backbones
 
 EVAL_DIR = "eval"
+CMC_DIR = "cmc"
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -41,9 +45,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   With `train.dense_first` (jsds / d2s without init_from) a dense_only stage trains first in
   `workdir/dense_stage` and the run starts from its best params (`jsds_jax.protocol`).
 
+  With `cmc.in_main_job` a CMC is trained on the finished tail in `workdir/cmc` and the eval
+  reranks with it (`--rerank cmc`).
+
   Returns:
     {"train": train_and_evaluate's summary, and unless training was preempted "report":
-    `eval.evaluate_checkpoint`'s report, "eval_dir": where report.{json,md,html} went}.
+    `eval.evaluate_checkpoint`'s report, "eval_dir": where report.{json,md,html} went; with
+    `cmc.in_main_job` also "cmc": `train_cmc.train_and_evaluate`'s summary}.
   """
   workdir = pathlib.Path(workdir).expanduser().absolute()
   # Loaded once for the three stages (each would load it otherwise).
@@ -63,13 +71,42 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return {"train": summary}
   if split not in dirs:
     raise ValueError(f"split '{split}' is not in data.splits={tuple(config.data.splits)}")
+  result = {"train": summary}
+  rerank = ""
+  if config.cmc.get("in_main_job", False):
+    config, result["cmc"] = _train_cmc(config, workdir, dirs)
+    if result["cmc"]["status"] == "preempted":
+      return result
+    rerank = "cmc"
   eval_dir = workdir / EVAL_DIR
-  report = eval_lib.evaluate_checkpoint(config, workdir, eval_dir, split, backbone=backbone)
+  report = eval_lib.evaluate_checkpoint(config, workdir, eval_dir, split, backbone=backbone,
+                                        rerank=rerank)
   print(report_lib.render_markdown(report), flush=True)
   print(f"Best checkpoint: {checkpoint.resolve_step_dir(workdir)}")
   print(f"Report: {eval_dir / 'report.md'} (and report.json, pruning.png)")
   print(f"HTML report: {eval_dir / 'report.html'}", flush=True)
-  return {"train": summary, "report": report, "eval_dir": eval_dir}
+  if rerank:
+    print(f"CMC rerank table: {eval_dir / 'report.md'} (and rerank.html)", flush=True)
+  return {**result, "report": report, "eval_dir": eval_dir}
+
+
+def _train_cmc(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               dirs: dict[str, pathlib.Path]) -> tuple[ml_collections.ConfigDict, dict]:
+  """Trains (or resumes, or skips if finished) the CMC for the tail in `workdir`.
+
+  Returns:
+    (config with cmc.init_from / cmc.checkpoint pointing at the tail and the CMC run, its
+    summary).
+  """
+  from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.cmc.init_from = str(workdir)
+  config.cmc.checkpoint = str(workdir / CMC_DIR)
+  summary = train_cmc.train_and_evaluate(config, workdir / CMC_DIR, cache_dirs=dirs)
+  print(f"CMC reranker: training {summary['status']} at step {summary['step']} of "
+        f"{summary['total_steps']}; best val reranked R@1 {summary['best_score']:.2f}: "
+        f"{summary['best_dir']}", flush=True)
+  return config, summary
 
 
 def main(argv: Sequence[str]) -> None:

@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -56,8 +57,8 @@ RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 # Metadata a resumed CMC run must share with its checkpoint.
 CMC_RESUME_KEYS = ("mode", "tail_hash", "input_dim", "inputs", "first_stage", "num_layers",
-                   "mlp_dim", "gate", "batch_size", "seed", "steps_per_epoch", "directions",
-                   "num_candidates")
+                   "mlp_dim", "gate", "input_scale", "teacher", "batch_size", "seed",
+                   "steps_per_epoch", "directions", "num_candidates")
 
 
 @flax.struct.dataclass
@@ -100,16 +101,42 @@ def build_examples(mined: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def module_from_config(cc: ml_collections.ConfigDict, attention_block: int = 0) -> cmc_lib.CMC:
+INPUT_SCALES = ("none", "tau")
+
+
+def input_scale_for(cc: ml_collections.ConfigDict, tau: float) -> float:
+  """The factor on CMC's inputs: 1 ("none", the official module) or τ^(-1/2) ("tau": a fresh
+  CMC then scores the dense first stage's cos/τ rather than a cosine)."""
+  kind = cc.get("input_scale", "none")
+  if kind == "none":
+    return 1.0
+  if kind == "tau":
+    return float(tau) ** -0.5
+  raise rerank.RerankError(f"cmc.input_scale={kind!r} is not one of {INPUT_SCALES}")
+
+
+def module_from_config(cc: ml_collections.ConfigDict, attention_block: int = 0,
+                       input_scale: float = 1.0) -> cmc_lib.CMC:
   return cmc_lib.CMC(num_layers=cc.num_layers, num_heads=cc.num_heads, mlp_dim=cc.mlp_dim,
                      dropout=cc.dropout, gate=cc.gate, gate_init=cc.gate_init,
-                     attention_block=attention_block)
+                     attention_block=attention_block, input_scale=input_scale)
 
 
 def make_optimizer(cc: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  sched = optim.warmup_linear_decay(cc.lr, total_steps, cc.warmup_fraction)
+  """AdamW with warm-up and linear decay after a global-norm clip; with `cc.gate_lr` > 0 the
+  gate logits get their own peak lr (from g = -5 at 1e-4 they barely open in a short run)."""
+  def adamw(peak):
+    return optax.adamw(optim.warmup_linear_decay(peak, total_steps, cc.warmup_fraction),
+                       weight_decay=cc.weight_decay)
+
+  gate_lr = float(cc.get("gate_lr", 0.0))
+  if gate_lr <= 0:
+    return optax.chain(optax.clip_by_global_norm(cc.clip_norm), adamw(cc.lr))
+  labels = lambda params: flax.traverse_util.path_aware_map(
+      lambda path, _: "gate" if path[-1] == "gate" else "rest", params)
   return optax.chain(optax.clip_by_global_norm(cc.clip_norm),
-                     optax.adamw(sched, weight_decay=cc.weight_decay))
+                     optax.multi_transform({"rest": adamw(cc.lr), "gate": adamw(gate_lr)},
+                                           labels))
 
 
 def make_train_step(module: cmc_lib.CMC, tx: optax.GradientTransformation,
@@ -123,6 +150,10 @@ def make_train_step(module: cmc_lib.CMC, tx: optax.GradientTransformation,
   gradient of the global loss.
   """
   single = mesh.shape[AXIS] == 1
+  teacher_temperature = float(cc.get("teacher_temperature", 1.0))
+  if teacher_temperature <= 0:
+    raise rerank.RerankError(f"cmc.teacher_temperature = {teacher_temperature}: it divides the "
+                             "teacher's scores, so it must be > 0")
   mean = (lambda x: x) if single else (lambda x: jax.lax.pmean(x, AXIS))
   to_varying = (lambda x: x) if single else (lambda x: jax.lax.pcast(x, AXIS, to="varying"))
 
@@ -137,7 +168,8 @@ def make_train_step(module: cmc_lib.CMC, tx: optax.GradientTransformation,
     def loss_fn(params):
       s = module.apply({"params": params}, q, c, valid, deterministic=False,
                        rngs={"dropout": rng})
-      out = losses.cmc_loss(s, pos, teacher, valid, cc.alpha, cc.temperature, cc.multi_positive)
+      out = losses.cmc_loss(s, pos, teacher / teacher_temperature, valid, cc.alpha,
+                            cc.temperature, cc.multi_positive)
       return out["loss"], out
 
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(to_varying(state.params))
@@ -191,7 +223,7 @@ class Validator:
     self.views = {d: rerank.direction_view(scores, cache["caption_image_index"], d)
                   for d in cc.directions}
     self.k = int(cc.val_k)
-    self.module = module_from_config(cc)
+    self.module = module_from_config(cc, input_scale=input_scale_for(cc, out.tau))
 
   def __call__(self, params) -> dict[str, float]:
     out = {}
@@ -213,7 +245,10 @@ def make_metadata(config, tail_meta, tail_hash: str, input_dim: int, steps_per_e
           "dataset": tail_meta.get("dataset"), "input_dim": int(input_dim),
           "inputs": cc.inputs, "first_stage": cc.first_stage, "num_layers": cc.num_layers,
           "num_heads": cc.num_heads, "mlp_dim": cc.mlp_dim, "gate": cc.gate,
-          "gate_init": cc.gate_init, "directions": list(cc.directions),
+          "gate_init": cc.gate_init, "gate_lr": float(cc.get("gate_lr", 0.0)),
+          "alpha": float(cc.alpha),
+          "teacher_temperature": float(cc.get("teacher_temperature", 1.0)),
+          "directions": list(cc.directions),
           "num_candidates": cc.num_candidates, "batch_size": cc.batch_size,
           "seed": int(config.seed), "steps_per_epoch": int(steps_per_epoch),
           "total_steps": int(total_steps), "w1": float(config.train.loss.w1),
@@ -222,10 +257,37 @@ def make_metadata(config, tail_meta, tail_hash: str, input_dim: int, steps_per_e
           "jsds_jax_version": jsds_jax.__version__}
 
 
+TEACHERS = ("first_stage", "itm")
+
+
+def _teacher(config: ml_collections.ConfigDict, mined: dict[str, Any], train_dir,
+             cross_encoder: Any) -> dict[str, Any]:
+  """`mined` with the teacher `cmc.teacher` asks for: the first stage's scores as mined, or
+  BLIP's ITM logits over the same candidates (`cross_encoder` = (BlipItm, params), else loaded
+  from `config.backbone.checkpoint`)."""
+  kind = config.cmc.get("teacher", "first_stage")
+  if kind not in TEACHERS:
+    raise rerank.RerankError(f"cmc.teacher={kind!r} is not one of {TEACHERS}")
+  if kind == "first_stage":
+    return mined
+  if cross_encoder is None:
+    if config.backbone.name != "blip":
+      raise rerank.RerankError(f"cmc.teacher='itm' needs a blip backbone (its ITM head), not "
+                               f"{config.backbone.name!r}")
+    from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
+    loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+    cross_encoder = (loaded.itm, loaded.itm_params)
+  return cmc_candidates.cross_encoder_teacher(mined, train_dir, *cross_encoder)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                        cache_dirs: Mapping[str, Any] | None = None,
-                       compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Trains (or resumes) a CMC run in `workdir`; returns its summary (as train.py's)."""
+                       compiler_options: dict[str, Any] | None = None,
+                       cross_encoder: Any = None) -> dict[str, Any]:
+  """Trains (or resumes) a CMC run in `workdir`; returns its summary (as train.py's).
+
+  `cross_encoder`: (BlipItm, params) for `cmc.teacher='itm'` (loaded from
+  `config.backbone.checkpoint` when None)."""
   cc = config.cmc
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                               directions=cc.directions, num_candidates=cc.num_candidates,
                               max_rank=cc.max_rank, seed=config.seed, w1=w1, w2=w2,
                               inputs=cc.inputs, root=cc.candidates_root)
+  mined = _teacher(config, mined, dirs["train"], cross_encoder)
   host = build_examples(mined)
   num_examples = len(host["query"])
   steps_per_epoch = num_examples // cc.batch_size
@@ -252,13 +315,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   input_dim = host["table"].shape[1]
   examples = jax.device_put(Examples(**{k: jnp.asarray(v) for k, v in host.items()}),
                             jax.sharding.NamedSharding(mesh, P()))
-  module = module_from_config(cc)
+  module = module_from_config(cc, input_scale=input_scale_for(cc, mined["tau"]))
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   params = cmc_lib.init_cmc(init_rng, module, input_dim)
   tx = make_optimizer(cc, total_steps)
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
   metadata = make_metadata(config, tail_meta, mined["tail_hash"], input_dim, steps_per_epoch,
                            total_steps)
+  metadata["input_scale"] = module.input_scale
+  metadata["teacher"] = mined.get("teacher", "first_stage")
   ckpt = checkpoint.Checkpointer(workdir, cc.checkpoint_every, cc.keep_checkpoints)
   writer = None
   try:
@@ -367,7 +432,8 @@ def load_cmc(path: str, tail_params: Mapping[str, Any] | None = None,
           "rerank with the tail it was trained on, or train a CMC for this tail")
   module = cmc_lib.module_for(params, num_heads=int(meta.get("num_heads", 4)),
                               gate=meta.get("gate"), gate_init=float(meta.get("gate_init", -5.0)),
-                              attention_block=attention_block)
+                              attention_block=attention_block,
+                              input_scale=float(meta.get("input_scale", 1.0)))
   return module, params, meta
 
 

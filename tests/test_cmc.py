@@ -209,3 +209,16 @@ def test_attention_in_blocks_gives_the_same_scores():
   out = _module(attention_block=4).apply({"params": params}, q, c, mask, deterministic=False,
                                          rngs={"dropout": jax.random.key(1)})
   assert np.all(np.isfinite(np.asarray(out)[mask]))
+
+
+def test_input_scale_is_the_same_module_on_scaled_inputs():
+  """`input_scale` s: the module on (q, c) is the unscaled module on (s·q, s·c), so a fresh
+  one scores about s²·⟨q, c⟩ (with s = τ^-1/2: the dense first stage's cos/τ)."""
+  s = 3.0
+  scaled, plain = _module(input_scale=s), _module()
+  params = _trained_like(cmc.init_cmc(jax.random.key(0), plain, D))
+  q, c = _inputs(3)
+  mask = np.ones(c.shape[:2], bool)
+  np.testing.assert_allclose(np.asarray(_apply(scaled)(params, q, c, mask)),
+                             np.asarray(_apply(plain)(params, s * q, s * c, mask)),
+                             rtol=1e-5, atol=1e-5)

@@ -133,3 +133,32 @@ def test_index_of_another_model_is_refused(setup):
   rebuilt.save(other / "index", overwrite=True)
   with pytest.raises(ValueError, match="weights_hash"):
     search_lib.Searcher(other, backbone=setup["backbone"])
+
+
+def test_cmc_rerank_reorders_the_first_stage_candidates(setup, tmp_path):
+  """`search --rerank cmc`: the first stage's candidates (every image sharing a term with the
+  query, up to `candidates`) in the order of CMC's scores of (query e, image e's) computed here
+  independently; a CMC of another tail and a missing CMC are refused."""
+  from jsds_jax.evaluation import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+  import testing_utils  # pylint: disable=g-import-not-at-top
+  module, params = testing_utils.save_random_cmc(tmp_path / "cmc", setup["params"], 16)
+  searcher = search_lib.Searcher(setup["out"], backbone=setup["backbone"], cmc=tmp_path / "cmc")
+  text = setup["cache"]["items"]["captions"][3]
+  e_q, z_q = _independent_query(setup, text)
+  sparse = setup["outputs"].z_i.toarray() @ z_q
+  first = np.flatnonzero(sparse > 0)
+  assert len(first) > 2
+  cmc = np.asarray(module.apply({"params": params}, e_q[None],
+                                setup["outputs"].e_i[first][None]))[0]
+  want = first[np.lexsort((first, -cmc))]
+  hits = searcher.search(text, k=len(first), rerank="cmc", candidates=len(first))
+  assert [h.row for h in hits] == list(want)
+  np.testing.assert_allclose([h.score for h in hits], np.sort(cmc)[::-1], rtol=1e-4, atol=1e-5)
+  # The open-gated CMC does reorder: not the sparse order.
+  assert [h.row for h in hits] != [h.row for h in searcher.search(text, k=len(first))]
+  with pytest.raises(ValueError, match="cmc="):
+    setup["searcher"].search(text, rerank="cmc")
+  other = dict(setup["params"], tau=np.float32(0.07))
+  testing_utils.save_random_cmc(tmp_path / "other", other, 16)
+  with pytest.raises(rerank_lib.RerankError, match="fingerprint"):
+    search_lib.Searcher(setup["out"], backbone=setup["backbone"], cmc=tmp_path / "other")

@@ -197,6 +197,37 @@ def test_bad_settings_are_named(tail, tmp_path):
   bad.cmc.inputs = "pre_projection"  # 24-d images, 20-d captions
   with pytest.raises(rerank.RerankError, match="one width"):
     train_cmc.train_and_evaluate(bad, tmp_path / "b")
+  bad.cmc.inputs = "dense"
+  bad.cmc.input_scale = "sqrt"
+  with pytest.raises(rerank.RerankError, match="cmc.input_scale='sqrt'"):
+    train_cmc.train_and_evaluate(bad, tmp_path / "c")
+  bad.cmc.input_scale = "tau"
+  bad.cmc.teacher = "bert"
+  with pytest.raises(rerank.RerankError, match="cmc.teacher='bert'"):
+    train_cmc.train_and_evaluate(bad, tmp_path / "d")
+
+
+def test_gate_lr_moves_the_gates_at_their_own_rate():
+  """`cmc.gate_lr`: Adam's first step moves each parameter by about its group's lr, so the
+  gate logits move by gate_lr and every other weight by lr."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  cc = ml_collections.ConfigDict(dict(lr=1e-4, gate_lr=0.05, warmup_fraction=0.0,
+                                      weight_decay=0.0, clip_norm=1e9))
+  params = {"layers_0": {"gate": np.float32(-5.0),
+                         "encoder_layer": {"w": np.ones((3,), np.float32)}}}
+  grads = jax.tree_util.tree_map(lambda x: np.ones_like(x) * 0.3, params)
+  tx = train_cmc.make_optimizer(cc, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = optax.apply_updates(params, updates)
+  assert float(params["layers_0"]["gate"] - moved["layers_0"]["gate"]) == pytest.approx(
+      0.05, rel=1e-3)
+  np.testing.assert_allclose(params["layers_0"]["encoder_layer"]["w"]
+                             - moved["layers_0"]["encoder_layer"]["w"], 1e-4, rtol=1e-3)
+  cc.gate_lr = 0.0  # one lr for all
+  one = train_cmc.make_optimizer(cc, 10)
+  updates, _ = one.update(grads, one.init(params), params)
+  assert float(-updates["layers_0"]["gate"]) == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_eval_rerank_cmc(tail, tmp_path):

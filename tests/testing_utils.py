@@ -79,3 +79,24 @@ def write_split(directory, image, text, caption_image_index):
       "backbone": "fake", "weights_hash": "f" * 64, "dataset": "fake",
       "split": directory.name, "num_images": len(image), "num_captions": len(text),
       "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()}})
+
+
+def save_random_cmc(workdir, tail_params, dim: int, seed: int = 1, **module_kw):
+  """A random CMC (open gates, so it really reorders) saved as `train_cmc` saves one, for the
+  tail `tail_params` with `dim`-wide dense embeddings. Returns (module, params)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jsds_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from jsds_jax import cmc_candidates  # pylint: disable=g-import-not-at-top
+  from jsds_jax.models.tail import cmc as cmc_lib  # pylint: disable=g-import-not-at-top
+  kw = dict(num_layers=1, num_heads=4, mlp_dim=32, gate_init=0.0, **module_kw)
+  module = cmc_lib.CMC(**kw)
+  params = jax.tree_util.tree_map(np.asarray, cmc_lib.init_cmc(jax.random.key(seed), module,
+                                                               dim))
+  meta = {"mode": "cmc", "tail_hash": cmc_candidates.tail_hash(tail_params),
+          "num_heads": kw["num_heads"], "gate": "learned", "gate_init": kw["gate_init"],
+          "inputs": "dense", "input_scale": float(kw.get("input_scale", 1.0))}
+  ckpt = checkpoint.Checkpointer(workdir, 0, 1, async_save=False)
+  ckpt.save_best(1, params, meta, checkpoint.Progress(), 0.0)
+  ckpt.close()
+  return module, params

@@ -108,6 +108,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   if "rerank" in report:
     from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
     lines += ["", rerank.render_markdown(report["rerank"]["table"])]
+  if "pipeline" in report:
+    from jsds_jax.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+    lines += ["", pipeline.render_markdown(report["pipeline"])]
   return "\n".join(lines) + "\n"
 
 

@@ -157,6 +157,9 @@ class CMC(nn.Module):
     dtype: computation dtype; params stay float32.
     attention_block: 0, or attend this many sequence positions at a time (`SelfAttention`):
       the same scores with O(block·K) memory, for K in the thousands.
+    input_scale: q and c are multiplied by it first, so a fresh module scores
+      input_scale²·⟨q, c⟩: with τ^(-1/2) of the tail, the dense first stage's cos/τ (whose
+      spread a softmax can use) instead of a cosine in [-1, 1]. 1 = the official module.
   """
 
   num_layers: int = 2
@@ -167,6 +170,7 @@ class CMC(nn.Module):
   gate_init: float = GATE_INIT
   dtype: Any = jnp.float32
   attention_block: int = 0
+  input_scale: float = 1.0
 
   @nn.compact
   def __call__(self, q: jax.Array, c: jax.Array, mask: Optional[jax.Array] = None,
@@ -192,6 +196,8 @@ class CMC(nn.Module):
     b, k, _ = c.shape
     mask = jnp.ones((b, k), bool) if mask is None else jnp.asarray(mask, bool)
     x = jnp.concatenate([q[:, None, :], c], axis=1).astype(self.dtype)
+    if self.input_scale != 1.0:
+      x = x * jnp.asarray(self.input_scale, self.dtype)
     key_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     for i in range(self.num_layers):
       x = GatedLayer(self.num_heads, self.mlp_dim, self.dropout, self.gate, self.gate_init,
@@ -216,7 +222,7 @@ def cmc_input_dim(params: Mapping[str, Any]) -> int:
 
 def module_for(params: Mapping[str, Any], num_heads: int = 4, dropout: float = 0.1,
                gate: Optional[str] = None, gate_init: float = GATE_INIT,
-               attention_block: int = 0) -> CMC:
+               attention_block: int = 0, input_scale: float = 1.0) -> CMC:
   """The `CMC` whose params have the shapes of `params` (layers, FFN width, learned gate)."""
   layers = sorted(k for k in params if k.startswith("layers_"))
   if not layers:
@@ -226,7 +232,8 @@ def module_for(params: Mapping[str, Any], num_heads: int = 4, dropout: float = 0
   if gate is None:
     gate = "learned" if learned else "fixed"
   return CMC(num_layers=len(layers), num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout,
-             gate=gate, gate_init=gate_init, attention_block=attention_block)
+             gate=gate, gate_init=gate_init, attention_block=attention_block,
+             input_scale=input_scale)
 
 
 def params_from_torch(state: Mapping[str, Any], num_layers: int, prefix: str = "") -> dict:
