@@ -18,12 +18,25 @@ def _tiny_config(tmp_path):
   return config
 
 
-def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_main_job_ends_with_the_eval_and_rerank_tables(tmp_path, capsys, monkeypatch):
+  """encode -> train -> (`cmc.in_main_job`) a CMC in workdir/cmc -> eval: the eval table, the
+  report paths, first stage alone vs + CMC; one backbone load; a second run finds everything
+  finished and trains nothing."""
+  config = _tiny_config(tmp_path)
+  config.cmc.in_main_job = True
+  config.cmc.candidates_root = str(tmp_path / "cands")
+  config.cmc.mlp_dim = 32
+  config.cmc.num_candidates = 8
+  config.cmc.batch_size = 8       # 32 t2i (captions) + 16 i2t (images) queries: 6 steps
+  config.cmc.num_epochs = 1
+  config.cmc.val_k = 8
+  config.cmc.rerank_ks = (2, 16)
   workdir = tmp_path / "run"
   loads = []
   load = backbones.load_backbone
   monkeypatch.setattr(backbones, "load_backbone", lambda c: loads.append(c.name) or load(c))
-  out = main_lib.run_pipeline(_tiny_config(tmp_path), workdir)
+  out = main_lib.run_pipeline(config, workdir)
   assert loads == ["tiny"]  # encode, train and eval share one loaded backbone
   printed = capsys.readouterr().out
   assert "Feature cache:" in printed and "training completed at step 4" in printed
@@ -43,28 +56,11 @@ def test_main_job_ends_with_the_eval_table_and_report_paths(tmp_path, capsys, mo
   # 2 test images: the report says its recalls mean nothing.
   assert [n for n in saved["notes"] if n.startswith("the split has only 2 images: R@5, R@10 are")]
 
-
-@pytest.mark.slow
-def test_main_job_trains_cmc_and_ends_with_the_rerank_table(tmp_path, capsys):
-  """`cmc.in_main_job`: after the tail, a CMC trains in workdir/cmc and the eval report ends
-  with first stage alone vs + CMC; a second run finds both finished and trains nothing."""
-  config = _tiny_config(tmp_path)
-  config.cmc.in_main_job = True
-  config.cmc.candidates_root = str(tmp_path / "cands")
-  config.cmc.mlp_dim = 32
-  config.cmc.num_candidates = 8
-  config.cmc.batch_size = 8       # 32 t2i (captions) + 16 i2t (images) queries: 6 steps
-  config.cmc.num_epochs = 1
-  config.cmc.val_k = 8
-  config.cmc.rerank_ks = (2, 16)
-  workdir = tmp_path / "run"
-  out = main_lib.run_pipeline(config, workdir)
-  printed = capsys.readouterr().out
+  # The CMC stage and the rerank table.
   assert out["cmc"]["status"] == "completed" and out["cmc"]["step"] == 6
   assert "CMC reranker: training completed at step 6 of 6" in printed
   assert "First stage alone vs + CMC over its top K" in printed
-  eval_dir = workdir / main_lib.EVAL_DIR
-  table = json.loads((eval_dir / "report.json").read_text())["rerank"]["table"]
+  table = saved["rerank"]["table"]
   assert set(table) == {"sparse", "dense", "integrated"}
   # 2 test images: K = 16 is capped at 2 for t2i.
   assert list(table["integrated"]["t2i"]["cmc"]) == ["2"]
