@@ -163,13 +163,14 @@ def _run(setup, n_devices, steps, **loss):
   return state, history, order
 
 
-def test_step_loss_adds_the_weighted_term_losses(setup):
+@pytest.mark.parametrize("mode", ["jsds", "d2s"])
+def test_step_loss_adds_the_weighted_term_losses(setup, mode):
   data, module, params, allowed = setup
   loss = dict(bow_image=0.7, bow_text=0.3, df_weight=2.0, df_max=0.05)
-  _, history, order = _run(setup, 1, 1, **loss)
+  _, history, order = _run(setup, 1, 1, mode=mode, **loss)
   caps = order[0]
   out = module.apply({"params": params}, data["image"][caps], data["text"][caps])
-  plain = train_step.LossSettings.from_config(_train_config(), 1)
+  plain = train_step.LossSettings.from_config(_train_config(mode), 1)
   base, _ = train_step.loss_from_outputs(out, jnp.asarray(caps), jnp.int32(0), plain)
   q = term_losses.bow_targets(jnp.asarray(data["ids"][caps]), allowed, V)
   e_i, e_t = out["e_i"], out["e_t"]
