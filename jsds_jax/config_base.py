@@ -142,8 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   # of mass to the bag of its caption's content wordpieces (an image: its paired caption's).
   c.train.loss.bow_image = 0.0
   c.train.loss.bow_text = 0.0
-  # df_weight * Σ_v relu(df_v - df_max), df_v = mean over a batch's images (and, apart, its
-  # captions) of tanh(z_v / df_scale): penalises terms that fire in more than df_max of a batch.
+  # df_weight(t) * Σ_v relu(df_v - df_max), df_v = mean over a batch's images (and, apart, its
+  # captions) of tanh(z_v / df_scale): penalises terms that fire in more than df_max of a batch;
+  # df_weight(t) warms up as eta does (reg_warmup_fraction).
   c.train.loss.df_weight = 0.0
   c.train.loss.df_max = 0.1
   c.train.loss.df_scale = 1.0

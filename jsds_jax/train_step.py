@@ -156,24 +156,29 @@ _ENCODERS_WITH_LOGITS = {"jsds": _encode_all_logits, "d2s": _encode_d2s_logits}
 
 
 def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
-              bow_terms: jax.Array | None,
+              bow_terms: jax.Array | None, step: jax.Array,
               settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The term-level losses (`jsds_jax.term_losses`), weighted, with R's factor ½:
 
     ½·(bow_image·KL(q ‖ softmax(l_i)) + bow_text·KL(q ‖ softmax(l_t)))
-      + ½·df_weight·½(DF(z_i) + DF(z_t))
+      + ½·df_weight(t)·½(DF(z_i) + DF(z_t))
 
-  q is each caption's bag of content words; image k's target is caption k's.
+  q is each caption's bag of content words; image k's target is caption k's. df_weight(t)
+  warms up as η(t) does (`losses.reg_weight`, `reg_warmup_fraction`): at the start of a run
+  from a dense model thousands of terms fire in every vector, and the full penalty then
+  emptied the image vectors (measured on the demo, README "Lexical levers").
 
   Args:
     out: {"z_i", "z_t": (B, V), and with a bow weight the logits "l_i", "l_t": (B, V)}; row
       k of the image side is the image of caption k.
     token_ids: (B, L) caption token ids, -1 at padding; needed when a bow weight is on.
     bow_terms: (V,) bool, the terms a bag-of-words target may hold, or None (every token).
+    step: () optimizer steps taken (the penalty's warm-up).
     settings: the loss settings.
 
   Returns:
-    (() float, metrics: bow_image_kl / bow_text_kl / df_penalty for the parts that are on).
+    (() float, metrics: bow_image_kl / bow_text_kl / df_penalty (unweighted) and df_weight
+    (the current weight) for the parts that are on).
   """
   s = settings
   total = jnp.zeros((), jnp.float32)
@@ -189,8 +194,9 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
   if s.df_weight:
     df = 0.5 * (term_losses.df_penalty(z_i, s.df_max, s.df_scale)
                 + term_losses.df_penalty(z_t, s.df_max, s.df_scale))
-    metrics["df_penalty"] = df
-    total = total + 0.5 * s.df_weight * df
+    weight = losses.reg_weight(step, s.total_steps, s.df_weight, s.reg_warmup_fraction)
+    metrics.update(df_penalty=df, df_weight=weight)
+    total = total + 0.5 * weight * df
   return total, metrics
 
 
@@ -219,7 +225,7 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
     return loss, metrics
   if settings.uses_bow and token_ids is None:
     raise ValueError("train.loss.bow_image / bow_text need the captions' token ids")
-  extra, extra_metrics = term_loss(out, token_ids, bow_terms, settings)
+  extra, extra_metrics = term_loss(out, token_ids, bow_terms, step, settings)
   loss = loss + extra
   return loss, dict(metrics, **extra_metrics, total=loss)
 
