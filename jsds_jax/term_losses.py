@@ -1,4 +1,5 @@
-"""Term-level losses that tie the sparse terms to words (issue 16): pure functions of z.
+"""Term-level losses that tie the sparse terms to words (issue 16): pure functions of the
+sparse vectors z and the head's logits.
 
 The contrastive and KD losses only ask that matching pairs score high; they say nothing about
 *which* vocabulary entries carry the score, so the head is free to use the vocabulary as latent
@@ -8,8 +9,9 @@ Two extra signals, each behind its own config field (`train.loss.bow_*`, `train.
 * a bag-of-words target (`bow_targets`, `bow_loss`): each vector's highest logits are pulled
   onto the content wordpieces of its caption (for an image: its paired caption's). STAIR (Chen et
   al., ICML 2023) grounds both sides by *masking* them to the caption's tokens in a first stage
-  (our `train.pec_images`); this is the soft version of that constraint, which never zeroes a
-  term outright and so keeps the expansion terms contrastive training finds useful. LexLIP (Luo
+  (our `train.pec_images`); this is a soft version of that constraint: it zeroes no term by
+  itself (on the demo it still leaves short vectors, ~10 terms, of caption words and their
+  neighbours, README "Lexical levers"). LexLIP (Luo
   et al., ICCV 2023) pretrains its lexicon-weighting heads through a bottleneck from which the
   paired text's masked words must be reconstructed: alike in spirit (the weights must name the
   caption's words), though there the target is reached through a decoder.
