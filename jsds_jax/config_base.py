@@ -137,6 +137,17 @@ def base_config() -> ml_collections.ConfigDict:
   # gives DESIGN's ½(L + L') + ½R, where R weighs half as much. The paper configs set True.
   c.train.loss.official_scale = False
   c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
+  # Term-level losses that tie the sparse terms to words (jsds / d2s; jsds_jax/term_losses.py),
+  # both added to the total with R's factor ½; 0 = off. bow_*: KL from each vector's L1-share
+  # of mass to the bag of its caption's content wordpieces (an image: its paired caption's).
+  c.train.loss.bow_image = 0.0
+  c.train.loss.bow_text = 0.0
+  # df_weight(t) * Σ_v relu(df_v - df_max), df_v = mean over a batch's images (and, apart, its
+  # captions) of tanh(z_v / df_scale): penalises terms that fire in more than df_max of a batch;
+  # df_weight(t) warms up as eta does (reg_warmup_fraction).
+  c.train.loss.df_weight = 0.0
+  c.train.loss.df_max = 0.1
+  c.train.loss.df_scale = 1.0
   # PEC, probabilistic expansion control (jsds / d2s; DESIGN.md §3): with probability p(t), one
   # draw per step, every caption's sparse vector is masked to its own tokens' vocabulary
   # entries; p falls linearly from 1 at step 0 to 0 at `pec_fraction` of the steps. Needs the

@@ -172,17 +172,25 @@ def cached_dirs(config: ml_collections.ConfigDict,
              json.loads((d / feature_cache.META).read_text())["arrays"] for d in dirs.values()):
     return None
   return dirs
+# Appended to the dataset's folder name when its "train" split leaves COCO's restval out.
+TRAIN_ONLY_SUFFIX = "-train_only"
 
 
 def dataset_key(data: ml_collections.ConfigDict) -> str:
   """The cache folder name of a dataset: Karpathy files are told apart by their JSON path, corpus
-  selections by their sources."""
+  selections by their sources; a "train" split without restval (`data.train_splits=("train",)`
+  or `data.include_restval=False`, karpathy / coco_tfds) gets `TRAIN_ONLY_SUFFIX`, so it never
+  reads the cache of the 113k-image train + restval set. The default (restval in) adds nothing,
+  so the caches written before keep their folders."""
   if data.name == "corpus":
     return registry.corpus_dataset_name(data)
+  suffix = ""
+  if data.name in ("karpathy", "coco_tfds") and not registry.include_restval(data, True):
+    suffix = TRAIN_ONLY_SUFFIX
   if data.name != "karpathy":
-    return data.name
+    return data.name + suffix
   path = pathlib.Path(data.json).expanduser().resolve()
-  return f"karpathy-{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+  return f"karpathy-{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}{suffix}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,12 +27,14 @@ def needs_dense_stage(config: ml_collections.ConfigDict) -> bool:
 
 
 def dense_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The first stage's config: the same run in dense_only mode, no PEC, no init_from, and
-  `train.dense_first_epochs` epochs when that is set (> 0)."""
+  """The first stage's config: the same run in dense_only mode, no PEC, no term-level losses
+  (they act on sparse vectors), no init_from, and `train.dense_first_epochs` epochs when that is
+  set (> 0)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.train.mode = "dense_only"
   c.train.pec = False
   c.train.pec_images = False
+  c.train.loss.bow_image = c.train.loss.bow_text = c.train.loss.df_weight = 0.0
   c.train.init_from = ""
   c.train.dense_first = False
   if c.train.dense_first_epochs > 0:

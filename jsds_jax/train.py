@@ -55,6 +55,7 @@ from jsds_jax import train_data
 from jsds_jax import train_step
 from jsds_jax import vocab_mask
 from jsds_jax.data import feature_cache
+from jsds_jax.evaluation import lexical
 from jsds_jax.evaluation import validation
 from jsds_jax.models.trunk import backbones
 from jsds_jax.models.tail import jsds
@@ -281,7 +282,8 @@ def setup(config: ml_collections.ConfigDict,
   # Caption token ids on the devices: PEC masks with them, a text last block attends with them.
   data = train_data.TrainData(dirs["train"], train_cache, mesh, seed=config.seed,
                               batch_size=tc.batch_size, layout=layout,
-                              token_ids=bool(tc.pec) or "text" in blocks,
+                              token_ids=(bool(tc.pec) or "text" in blocks
+                                         or bool(tc.loss.bow_image or tc.loss.bow_text)),
                               stream_sides=tuple(blocks), dtype=tc.features_dtype)
   total_steps = tc.num_epochs * data.steps_per_epoch
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -302,7 +304,9 @@ def setup(config: ml_collections.ConfigDict,
   tx = optim.make_optimizer(tc, total_steps)
   # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
-  step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh)
+  # Bag-of-words targets hold content wordpieces only (not special, punctuation, stopwords).
+  bow_terms = None if vocab is None else lexical.term_classes(vocab)["content"]
+  step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh, bow_terms=bow_terms)
   return Setup(module, state, data, step_fn, metadata, total_steps, dirs, vocab)
 
 
@@ -478,10 +482,19 @@ def _validate(evaluator: validation.Evaluator, state, step: int, epoch: int,
                progress.best_step)
   if improved:
     ckpt.save_best(step, state.params, metadata, progress, score)
-  if tc.patience > 0 and progress.evals_since_best >= tc.patience:
+  if stops_early(progress, tc):
     logging.info("early stopping: %d validations without improvement", tc.patience)
     return "early_stopping"
   return ""
+
+
+def stops_early(progress: checkpoint.Progress, tc: ml_collections.ConfigDict) -> bool:
+  """Whether patience has run out: `train.patience` validations since the best one. It starts
+  with the first validation within the sparsity budget (`within_budget`): a run that begins
+  dense (from a dense_only stage) must get the chance to reach the budget; before, one demo
+  seed stopped at step 180 with no checkpoint within 60 non-zeros yet."""
+  return (tc.patience > 0 and progress.best_step >= 0
+          and progress.evals_since_best >= tc.patience)
 
 
 def _summary(status: str, step: int, total_steps: int, steps_per_epoch: int,

@@ -32,6 +32,7 @@ from jsds_jax import losses
 from jsds_jax import optim
 from jsds_jax import pec
 from jsds_jax import sharding
+from jsds_jax import term_losses
 from jsds_jax.models.tail import jsds
 
 P = jax.sharding.PartitionSpec
@@ -89,11 +90,24 @@ class LossSettings:
   reference_quirks: bool = False
   tau_teacher: float = 1e-3
   official_scale: bool = False
+  bow_image: float = 0.0
+  bow_text: float = 0.0
+  df_weight: float = 0.0
+  df_max: float = 0.1
+  df_scale: float = 1.0
   total_steps: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"train.mode must be one of {MODES}, got {self.mode!r}")
+    if self.mode == "dense_only" and (self.bow_image or self.bow_text or self.df_weight):
+      raise ValueError("train.loss.bow_image / bow_text / df_weight act on sparse vectors: they "
+                       "need train.mode 'jsds' or 'd2s', not 'dense_only'")
+
+  @property
+  def uses_bow(self) -> bool:
+    """Whether the loss needs the captions' token ids (a bag-of-words target)."""
+    return bool(self.bow_image or self.bow_text)
 
   @classmethod
   def from_config(cls, train: ml_collections.ConfigDict, total_steps: int) -> "LossSettings":
@@ -126,23 +140,98 @@ def _encode_all(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
   return m(h_img, h_txt, token_ids)
 
 
+def _encode_all_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
+  e_i, e_t = _dense(m, h_img, h_txt, token_ids)
+  return dict(e_i=e_i, e_t=e_t, tau=m.temperature(), **m.sparse_terms_and_logits(e_i, e_t))
+
+
+def _encode_d2s_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
+  e_i, e_t = jax.lax.stop_gradient(_dense(m, h_img, h_txt, token_ids))
+  return dict(e_i=e_i, e_t=e_t, tau=m.temperature(), **m.sparse_terms_and_logits(e_i, e_t))
+
+
 _ENCODERS = {"jsds": _encode_all, "dense_only": _encode_dense, "d2s": _encode_d2s}
+# With a bag-of-words loss: the head's logits too ("l_i", "l_t"; `term_losses.bow_loss`).
+_ENCODERS_WITH_LOGITS = {"jsds": _encode_all_logits, "d2s": _encode_d2s_logits}
+
+
+def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
+              bow_terms: jax.Array | None, step: jax.Array,
+              settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The term-level losses (`jsds_jax.term_losses`), weighted, with R's factor ½:
+
+    ½·(bow_image·KL(q ‖ softmax(l_i)) + bow_text·KL(q ‖ softmax(l_t)))
+      + ½·df_weight(t)·½(DF(z_i) + DF(z_t))
+
+  q is each caption's bag of content words; image k's target is caption k's. df_weight(t)
+  warms up as η(t) does (`losses.reg_weight`, `reg_warmup_fraction`): at the start of a run
+  from a dense model thousands of terms fire in every vector, and the full penalty then
+  emptied the image vectors (measured on the demo, README "Lexical levers").
+
+  Args:
+    out: {"z_i", "z_t": (B, V), and with a bow weight the logits "l_i", "l_t": (B, V)}; row
+      k of the image side is the image of caption k.
+    token_ids: (B, L) caption token ids, -1 at padding; needed when a bow weight is on.
+    bow_terms: (V,) bool, the terms a bag-of-words target may hold, or None (every token).
+    step: () optimizer steps taken (the penalty's warm-up).
+    settings: the loss settings.
+
+  Returns:
+    (() float, metrics: bow_image_kl / bow_text_kl / df_penalty (unweighted) and df_weight
+    (the current weight) for the parts that are on).
+  """
+  s = settings
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  z_i, z_t = out["z_i"], out["z_t"]
+  if s.uses_bow:
+    q = term_losses.bow_targets(token_ids, bow_terms, z_t.shape[-1])
+    for name, weight, key in (("image", s.bow_image, "l_i"), ("text", s.bow_text, "l_t")):
+      if weight:
+        kl = term_losses.bow_loss(out[key], q, bow_terms)
+        metrics[f"bow_{name}_kl"] = kl
+        total = total + 0.5 * weight * kl
+  if s.df_weight:
+    df = 0.5 * (term_losses.df_penalty(z_i, s.df_max, s.df_scale)
+                + term_losses.df_penalty(z_t, s.df_max, s.df_scale))
+    weight = losses.reg_weight(step, s.total_steps, s.df_weight, s.reg_warmup_fraction)
+    metrics.update(df_penalty=df, df_weight=weight)
+    total = total + 0.5 * weight * df
+  return total, metrics
 
 
 def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax.Array,
-                      settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The mode's loss of a (global) batch.
+                      settings: LossSettings, token_ids: jax.Array | None = None,
+                      bow_terms: jax.Array | None = None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The mode's loss of a (global) batch, plus the term-level losses that are on
+  (`term_loss`).
 
   Args:
-    out: {"e_i", "e_t": (B, P), "tau": (), and for jsds/d2s "z_i", "z_t": (B, V)}.
+    out: {"e_i", "e_t": (B, P), "tau": (), and for jsds/d2s "z_i", "z_t": (B, V); with a
+      bow weight also the logits "l_i", "l_t": (B, V)}.
     image_idx: (B,) image row of each pair; captions of one image are each other's positives
       (with `input_pipeline.epoch_order` batches they never share an image).
     step: () optimizer steps taken (the regulariser's warm-up).
     settings: the loss settings.
+    token_ids: (B, L) the captions' token ids (-1 at padding), for a bag-of-words target.
+    bow_terms: (V,) bool, the terms such a target may hold (None: every token).
 
   Returns:
-    (loss (), metrics).
+    (loss (), metrics); metrics["total"] includes the term-level losses.
   """
+  loss, metrics = _mode_loss(out, image_idx, step, settings)
+  if settings.mode == "dense_only" or not (settings.uses_bow or settings.df_weight):
+    return loss, metrics
+  if settings.uses_bow and token_ids is None:
+    raise ValueError("train.loss.bow_image / bow_text need the captions' token ids")
+  extra, extra_metrics = term_loss(out, token_ids, bow_terms, step, settings)
+  loss = loss + extra
+  return loss, dict(metrics, **extra_metrics, total=loss)
+
+
+def _mode_loss(out, image_idx, step, settings):
+  """`loss_from_outputs` without the term-level losses."""
   s = settings
   positives = losses.positives_from_ids(image_idx, image_idx)
   reg_args = dict(eta_t=s.eta_text, eta_i=s.eta_image, step=step, total_steps=s.total_steps,
@@ -175,6 +264,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
                     train: ml_collections.ConfigDict, total_steps: int,
                     mesh: jax.sharding.Mesh,
                     compiler_options: dict[str, Any] | None = None,
+                    bow_terms: Any = None,
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """The jitted, sharded train step.
 
@@ -185,6 +275,9 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     total_steps: the run's optimizer steps.
     mesh: a mesh with a 'data' axis; the global batch must divide by its size.
     compiler_options: passed to `jax.jit` (tests turn XLA's slow CPU passes off with them).
+    bow_terms: (V,) bool, the terms a bag-of-words target may hold (the vocabulary's content
+      wordpieces, `lexical.term_classes(vocab)["content"]`); None = every token. Only used
+      with `train.loss.bow_image` / `bow_text`.
 
   Returns:
     step(state, features, order, step_in_epoch) -> (state, metrics), where `state` is a
@@ -200,10 +293,10 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
     (after pmean, before clipping), "param_norm", "lr_embed", "lr_head"; with `train.pec`
     also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
-    With `train.pec` the features must carry the caption token ids.
+    With `train.pec` or a bag-of-words loss the features must carry the caption token ids.
   """
   settings = LossSettings.from_config(train, total_steps)
-  encode = _ENCODERS[settings.mode]
+  encode = (_ENCODERS_WITH_LOGITS if settings.uses_bow else _ENCODERS)[settings.mode]
   scheds = optim.schedules(train, total_steps)
   use_pec = bool(train.pec)
   if train.pec_images and not use_pec:
@@ -212,7 +305,8 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   if use_pec and settings.mode == "dense_only":
     raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
                      "not 'dense_only'")
-  needs_ids = use_pec or module.text_block is not None
+  needs_ids = use_pec or module.text_block is not None or settings.uses_bow
+  bow_terms = None if bow_terms is None else jnp.asarray(bow_terms, bool)
   # On a one-device mesh every collective is an identity, yet XLA still runs each as a copy
   # (on a 2-core CPU the two (B, V) all-gathers, their reduce-scatters and the gradient
   # all-reduce took ~50 of ~650 ms per step): there the step calls none of them, and
@@ -254,7 +348,9 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
           out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids, pec_rng, pec_prob)
         extra = dict(pec_prob=pec_prob, pec_masked=masked)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
-      loss, metrics = loss_from_outputs(out, image_idx, state.step, settings)
+      all_ids = gather(token_ids) if settings.uses_bow else None
+      loss, metrics = loss_from_outputs(out, image_idx, state.step, settings, all_ids,
+                                        bow_terms)
       metrics = dict(metrics, loss=loss, tau=out["tau"], **extra)
       if "z_i" in out:
         metrics.update(nnz_image=_mean_nnz(out["z_i"]), nnz_text=_mean_nnz(out["z_t"]))

@@ -261,3 +261,26 @@ def test_sigkill_then_rerun_gives_identical_cache(tmp_path):
   b, _ = _arrays(whole_dir)
   for name in b:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_dataset_key_tells_apart_a_train_split_without_restval(tmp_path):
+  from jsds_jax import config_base  # pylint: disable=g-import-not-at-top
+  data = config_base.base_config().data
+  data.name, data.json = "karpathy", str(tmp_path / "dataset_coco.json")
+  default = encode.dataset_key(data)
+  assert default.startswith("karpathy-dataset_coco-") and len(default.split("-")[-1]) == 8
+  data.train_splits = ("train", "restval")  # the default set, spelled out: the same cache
+  assert encode.dataset_key(data) == default
+  data.train_splits = ("train",)
+  assert encode.dataset_key(data) == default + encode.TRAIN_ONLY_SUFFIX
+  data.train_splits = ()
+  data.include_restval = False
+  assert encode.dataset_key(data) == default + encode.TRAIN_ONLY_SUFFIX
+  tfds = config_base.base_config().data
+  tfds.name = "coco_tfds"
+  assert encode.dataset_key(tfds) == "coco_tfds"
+  tfds.train_splits = ("train",)
+  assert encode.dataset_key(tfds) == "coco_tfds" + encode.TRAIN_ONLY_SUFFIX
+  demo = config_base.base_config().data  # no restval there: the name alone, whatever is set
+  demo.train_splits = ("train",)
+  assert encode.dataset_key(demo) == "demo"

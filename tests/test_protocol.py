@@ -4,6 +4,7 @@ import pathlib
 
 from jsds_jax import config_base
 from jsds_jax import protocol
+from jsds_jax import train_step
 
 
 def _config(**train):
@@ -32,7 +33,14 @@ def test_stage_configs():
   assert not first.train.dense_first
   assert (c.train.mode, c.train.pec, c.train.num_epochs) == ("jsds", True, 50)  # untouched
   assert protocol.dense_stage_config(_config(dense_first=True)).train.num_epochs == 50
+  # Term-level losses act on sparse vectors: off in the dense stage, kept for the second.
+  c.train.loss.bow_image, c.train.loss.bow_text, c.train.loss.df_weight = 0.2, 0.3, 0.1
+  first = protocol.dense_stage_config(c)
+  assert (first.train.loss.bow_image, first.train.loss.bow_text,
+          first.train.loss.df_weight) == (0.0, 0.0, 0.0)
+  train_step.LossSettings.from_config(first.train, 10)  # a valid dense_only loss
   second = protocol.second_stage_config(c, "/w/dense_stage/best/90")
+  assert (second.train.loss.bow_image, second.train.loss.df_weight) == (0.2, 0.1)
   assert second.train.init_from == "/w/dense_stage/best/90" and second.train.mode == "jsds"
 
 

@@ -170,6 +170,15 @@ class JSDSTail(nn.Module):
     z_i, z_t = self.sparse_terms(e_i, e_t)
     return dict(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=self.temperature())
 
+  def sparse_terms_and_logits(self, e_i: jax.Array, e_t: jax.Array) -> dict[str, jax.Array]:
+    """`sparse_terms` plus the head's logits (for a loss on them; see `SparseHead`).
+
+    Returns:
+      {"z_i": (B_i, V), "z_t": (B_t, V), "l_i": (B_i, V), "l_t": (B_t, V)}.
+    """
+    (z_i, l_i), (z_t, l_t) = self.sparse_head((e_i, e_t), with_logits=True)
+    return dict(z_i=z_i, z_t=z_t, l_i=l_i, l_t=l_t)
+
   def sparse_terms(self, e_i: jax.Array, e_t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The shared sparse head on both modalities at once.
 

@@ -39,16 +39,20 @@ class SparseHead(nn.Module):
   embedding_init: Any = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
-  def __call__(self, e: Any) -> Any:
+  def __call__(self, e: Any, with_logits: bool = False) -> Any:
     """The head on one batch, or on several sharing one pass through the (B, V) part.
 
     Args:
       e: (B, d_e) dense embeddings, or a tuple of such arrays (e.g. images and captions):
         every row goes through the same params, and the gradient of E is then one matmul
         over all rows instead of one per array, summed.
+      with_logits: also return the logits l = E · LN(W_s e + b_s) + c (float32), for a loss
+        on them (`term_losses.bow_loss`: unlike z, they carry gradient where relu cuts z to
+        0). z is then computed by plain autodiff from l, with the same values as without.
 
     Returns:
-      z (B, V) >= 0 in `dtype`, or a tuple of them, one per input.
+      z (B, V) >= 0 in `dtype`, or a tuple of them, one per input; with `with_logits` each z
+      is a pair (z, l).
     """
     proj = nn.Dense(self.word_dim, dtype=self.dtype, param_dtype=jnp.float32, name="proj")
     norm = nn.LayerNorm(LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="layer_norm")
@@ -58,9 +62,23 @@ class SparseHead(nn.Module):
     if self.use_vocab_bias:
       c = self.param("vocab_bias", nn.initializers.zeros_init(), (self.vocab_size,), jnp.float32)
     many = isinstance(e, (tuple, list))
+    if with_logits:
+      outs = tuple(_weights_and_logits(norm(proj(x)), emb, c, jnp.dtype(self.dtype))
+                   for x in (e if many else (e,)))
+      return outs if many else outs[0]
     zs = term_weights(tuple(norm(proj(x)) for x in (e if many else (e,))), emb, c,
                       jnp.dtype(self.dtype))
     return zs if many else zs[0]
+
+
+def _weights_and_logits(x: jax.Array, emb: jax.Array, bias: Optional[jax.Array],
+                        dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """(z, l) for one (B, d_w) input, as `term_weights` computes z, differentiated by JAX."""
+  logits = jnp.einsum("bd,vd->bv", x.astype(dtype), emb.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  return jnp.log1p(jax.nn.relu(logits)).astype(dtype), logits
 
 
 # The (B, V) part of the head is most of a training step's cost (three ΣB·d_w·V matmuls;
