@@ -122,9 +122,9 @@ def _torch_official(args, device: str, total_steps: int):
   head = (list(model.single_proj.parameters()) + list(model.text_proj.parameters())
           + list(model.vision_proj.parameters()) + [model.temp])
   opt = torch.optim.AdamW([
-      {"params": embed, "lr": train.embed.lr, "weight_decay": 0.0},
-      {"params": head, "lr": train.head.lr},
-  ], eps=train.eps, betas=(train.b1, train.b2), weight_decay=train.head.weight_decay)
+      {"params": embed, "lr": train.pretrained.lr, "weight_decay": 0.0},
+      {"params": head, "lr": train.projections.lr},
+  ], eps=train.eps, betas=(train.b1, train.b2), weight_decay=train.projections.weight_decay)
   warm = int(train.warmup_fraction * total_steps)
   sched = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda t: t / max(1, warm) if t < warm

@@ -47,7 +47,7 @@ def get_config(arg=None):
   # terms the captions' words (`pattern`, `protested`, `set` in nearly every vector before);
   # the batch document-frequency penalty (`train.loss.df_weight`) did not add to it.
   c.model.vocab_mask = "special_punct_stop"
-  c.train.embed.lr = 1e-3
+  c.train.pretrained.lr = 1e-3
   c.train.pec = True
   c.train.loss.bow_image = 0.2
   c.train.loss.bow_text = 0.2

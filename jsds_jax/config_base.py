@@ -104,20 +104,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.eps = 1e-8
-  # Two AdamW groups. "embed": the params whose path matches `params` (the sparse head's
-  # LayerNorm, word embeddings E and vocab bias c, and in the last_block variant the towers'
-  # pretrained last blocks); "head": everything else (W_s, the dense projections, tau). These defaults are the official code's two-group optimizer (its D2S
+  # Two AdamW groups, named for what they hold. "pretrained": the params whose path matches
+  # `params`, the weights taken over from the backbone (the sparse head's word embeddings E,
+  # its LayerNorm and vocab bias c, and in the last_block variant the towers' last blocks);
+  # "projections": everything else (W_s, the dense projections, tau). These defaults are the
+  # official code's two-group optimizer (its D2S
   # branch: LN + E at 5e-5 without decay, the rest at 1e-3). Its JSDS runs train every tail
   # param at the table's lr with decay 0.05 in one group, which the paper configs reproduce by
   # giving both groups those values (configs/blip_coco.py explains).
-  c.train.embed = ml_collections.ConfigDict()
-  c.train.embed.params = (r"^(sparse_head/(layer_norm|word_embeddings|vocab_bias)"
-                          r"|image_block|text_block)(/|$)")
-  c.train.embed.lr = 5e-5
-  c.train.embed.weight_decay = 0.0
-  c.train.head = ml_collections.ConfigDict()
-  c.train.head.lr = 1e-3
-  c.train.head.weight_decay = 0.05  # the official AdamW's default for this group
+  c.train.pretrained = ml_collections.ConfigDict()
+  c.train.pretrained.params = (r"^(sparse_head/(layer_norm|word_embeddings|vocab_bias)"
+                               r"|image_block|text_block)(/|$)")
+  c.train.pretrained.lr = 5e-5
+  c.train.pretrained.weight_decay = 0.0
+  c.train.projections = ml_collections.ConfigDict()
+  c.train.projections.lr = 1e-3
+  c.train.projections.weight_decay = 0.05  # the official AdamW's default for this group
   # Regexes (re.search over "a/b/c" param paths) of params that never change: no update, no
   # weight decay, no Adam state. d2s adds the dense tails and tau; dense_only the sparse head.
   c.train.freeze = ()
@@ -292,7 +294,7 @@ def paper_config(arg, *, backbone: str, checkpoint: str, max_text_len: int,
   c.train.warmup_fraction = 0.2
   c.train.clip_norm = 1.0
   c.train.b1, c.train.b2, c.train.eps = 0.9, 0.999, 1e-8
-  for group in (c.train.embed, c.train.head):
+  for group in (c.train.pretrained, c.train.projections):
     group.lr = lr
     group.weight_decay = 0.05
   c.train.loss.update(regularizer="l1", reg_warmup_fraction=0.2, official_scale=True, **loss)

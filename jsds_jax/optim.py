@@ -3,8 +3,11 @@
 holi-lab/mm-sparse-retrieval `lightning_model.py` (`configure_optimizers`, the path that trains
 from the pre-projection features) builds `torch.optim.AdamW` with two groups:
 
-  "embed": the vocab LayerNorm and the vocab projector (E, and its bias c): lr 5e-5, no decay;
-  "head":  W_s (the single proj), text_proj, vision_proj and the temperature: lr `config.lr`,
+  its first group, the vocab LayerNorm and the vocab projector (E, and its bias c): lr 5e-5, no
+  decay; here "pretrained" (`train.pretrained`), the weights taken over from the backbone's
+  word embeddings and, in the last_block variant, its last blocks;
+  its second group, W_s (the single proj), text_proj, vision_proj and the temperature: lr
+  `config.lr`, here "projections" (`train.projections`),
            weight decay 0.05;
 
 betas (0.9, 0.999), eps 1e-8, `get_linear_schedule_with_warmup` over int(0.2 · steps), and
@@ -23,8 +26,8 @@ import jax
 import ml_collections
 import optax
 
-EMBED, HEAD, FROZEN = "embed", "head", "frozen"
-GROUPS = (EMBED, HEAD)
+PRETRAINED, PROJECTIONS, FROZEN = "pretrained", "projections", "frozen"
+GROUPS = (PRETRAINED, PROJECTIONS)
 
 # What each training mode never trains, on top of `train.freeze`: d2s distils the sparse head
 # from the frozen dense embeddings (the backbone's projections), so the dense side and tau stay
@@ -56,26 +59,26 @@ def freeze_patterns(train: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(train.freeze) + MODE_FREEZE[train.mode]
 
 
-def param_labels(params: Any, embed_pattern: str, freeze: Sequence[str] = ()) -> Any:
-  """The group label of every param: "frozen" if any `freeze` regex matches, else "embed" if
-  `embed_pattern` matches, else "head" (`re.search` over `param_path`).
+def param_labels(params: Any, pretrained_pattern: str, freeze: Sequence[str] = ()) -> Any:
+  """The group label of every param: "frozen" if any `freeze` regex matches, else "pretrained"
+  if `pretrained_pattern` matches, else "projections" (`re.search` over `param_path`).
 
   Args:
     params: a params pytree (arrays or ShapeDtypeStructs).
-    embed_pattern: regex of the "embed" group.
+    pretrained_pattern: regex of the "pretrained" group.
     freeze: regexes of frozen params.
 
   Returns:
     A pytree like `params` with str leaves.
   """
-  embed_re = re.compile(embed_pattern)
+  pretrained_re = re.compile(pretrained_pattern)
   freeze_re = [re.compile(f) for f in freeze]
 
   def label(path, _):
     name = param_path(path)
     if any(f.search(name) for f in freeze_re):
       return FROZEN
-    return EMBED if embed_re.search(name) else HEAD
+    return PRETRAINED if pretrained_re.search(name) else PROJECTIONS
 
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -103,7 +106,7 @@ def warmup_linear_decay(peak: float, total_steps: int,
 
 
 def schedules(train: ml_collections.ConfigDict, total_steps: int) -> dict[str, optax.Schedule]:
-  """{"embed": schedule, "head": schedule} from `train.<group>.lr` and `train.warmup_fraction`."""
+  """{"pretrained": schedule, "projections": schedule} from `train.<group>.lr` and `train.warmup_fraction`."""
   return {g: warmup_linear_decay(train[g].lr, total_steps, train.warmup_fraction)
           for g in GROUPS}
 
@@ -112,7 +115,7 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
   """The training optimizer (see the module docstring).
 
   Chain: zero frozen grads → clip by global norm (`train.clip_norm`) → per group AdamW
-  (`train.embed`, `train.head`: lr peak and weight decay, shared b1/b2/eps) or set_to_zero.
+  (`train.pretrained`, `train.projections`: lr peak and weight decay, shared b1/b2/eps) or set_to_zero.
 
   Args:
     train: the config's `train` section.
@@ -122,7 +125,7 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
     An optax transformation over JSDSTail params (labels are computed from the params tree).
   """
   freeze = freeze_patterns(train)
-  labels = lambda params: param_labels(params, train.embed.params, freeze)
+  labels = lambda params: param_labels(params, train.pretrained.params, freeze)
   scheds = schedules(train, total_steps)
 
   def adamw(group):
@@ -131,8 +134,8 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
 
   keep = optax.identity()
   return optax.chain(
-      optax.multi_transform({EMBED: keep, HEAD: keep, FROZEN: optax.set_to_zero()}, labels),
+      optax.multi_transform({PRETRAINED: keep, PROJECTIONS: keep, FROZEN: optax.set_to_zero()}, labels),
       optax.clip_by_global_norm(train.clip_norm),
-      optax.multi_transform({EMBED: adamw(EMBED), HEAD: adamw(HEAD),
+      optax.multi_transform({PRETRAINED: adamw(PRETRAINED), PROJECTIONS: adamw(PROJECTIONS),
                              FROZEN: optax.set_to_zero()}, labels),
   )

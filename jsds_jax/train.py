@@ -1,7 +1,7 @@
 """`train`: trains the tail on the feature cache, validates, checkpoints; a thin `main`.
 
   python -m jsds_jax.train --config configs/demo.py --workdir runs/demo
-  jsds-train --config configs/blip_coco.py --workdir runs/blip_coco --config.train.head.lr=1e-4
+  jsds-train --config configs/blip_coco.py --workdir runs/blip_coco --config.train.projections.lr=1e-4
 
 `train_and_evaluate(config, workdir)` finds (or builds, via `encode`) the train and val
 feature caches, starts the `JSDSTail` from `tail_init.safetensors` (the backbone's projections
@@ -230,7 +230,7 @@ class _Window:
     self.check()
     history = [m for _, m in self.items]
     means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-    for k in ("lr_embed", "lr_head"):  # the rate in force now, not the window's mean
+    for k in ("lr_pretrained", "lr_projections"):  # the rate in force now, not the window's mean
       means[k] = float(history[-1][k])
     rate = len(history) / max(time.time() - self.start_time, 1e-9)
     self.items, self.start_time = [], time.time()
@@ -411,7 +411,7 @@ class _Loop:
     if done % tc.log_every == 0:
       means, rate = self.window.flush()
       self.writer.write("train", done, {**means, "steps_per_second": rate, "epoch": done / spe})
-      self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr_head']:.2e}")
+      self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr_projections']:.2e}")
     status = ""
     if in_epoch == 0 and (done == total or (
         tc.eval_every_epochs > 0 and epoch % tc.eval_every_epochs == 0)):

@@ -291,7 +291,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     for the modalities with a block; the features must then carry the caption token ids.
     metrics: () float32 each: the loss's parts (see `jsds_jax.losses`), "loss", "tau",
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
-    (after pmean, before clipping), "param_norm", "lr_embed", "lr_head"; with `train.pec`
+    (after pmean, before clipping), "param_norm", "lr_pretrained", "lr_projections"; with `train.pec`
     also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
     With `train.pec` or a bag-of-words loss the features must carry the caption token ids.
   """

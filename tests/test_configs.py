@@ -66,7 +66,7 @@ def test_command_line_overrides_and_typos(name):
               "--config.train.loss.w1=0.25"])
   assert c.data.json == "/x/dataset.json" and c.train.loss.w1 == 0.25
   with pytest.raises(Exception, match="lr_typo"):
-    _parse([f"--config={path}", "--config.train.head.lr_typo=1e-3"])
+    _parse([f"--config={path}", "--config.train.projections.lr_typo=1e-3"])
   with pytest.raises(AttributeError):
     c.train.new_field = 1  # locked
 
@@ -82,7 +82,7 @@ def test_paper_hyperparameters(name):
   assert not loss.reference_quirks
   # The official JSDS runs train every tail param and τ in ONE AdamW group at the table's lr
   # with weight decay 0.05 (see configs/blip_coco.py).
-  for group in (c.train.embed, c.train.head):
+  for group in (c.train.pretrained, c.train.projections):
     assert (group.lr, group.weight_decay) == (lr, 0.05)
   assert c.train.mode == "jsds" and c.train.freeze == ()
   assert c.train.batch_size == 256
@@ -106,7 +106,7 @@ def test_paper_hyperparameters(name):
 def test_clip_coco():
   c = _load("clip_coco")
   assert (c.backbone.name, c.backbone.checkpoint) == ("clip", "openai/clip-vit-base-patch16")
-  assert c.train.embed.lr == c.train.head.lr == TABLE["blip_coco"][0]
+  assert c.train.pretrained.lr == c.train.projections.lr == TABLE["blip_coco"][0]
 
 
 @pytest.mark.parametrize("name", PAPER + ("clip_coco",))

@@ -35,18 +35,18 @@ def _train(**overrides):
 
 
 def _flat_labels(params, train):
-  labels = optim.param_labels(params, train.embed.params, optim.freeze_patterns(train))
+  labels = optim.param_labels(params, train.pretrained.params, optim.freeze_patterns(train))
   return {optim.param_path(p): l for p, l in jax.tree_util.tree_leaves_with_path(labels)}
 
 
 def test_labels_of_every_param(params):
   assert _flat_labels(params, _train()) == {
-      "image_tail/proj/kernel": "head", "image_tail/proj/bias": "head",
-      "text_tail/proj/kernel": "head", "text_tail/proj/bias": "head",
-      "sparse_head/proj/kernel": "head", "sparse_head/proj/bias": "head",
-      "sparse_head/layer_norm/scale": "embed", "sparse_head/layer_norm/bias": "embed",
-      "sparse_head/word_embeddings": "embed", "sparse_head/vocab_bias": "embed",
-      "tau": "head",
+      "image_tail/proj/kernel": "projections", "image_tail/proj/bias": "projections",
+      "text_tail/proj/kernel": "projections", "text_tail/proj/bias": "projections",
+      "sparse_head/proj/kernel": "projections", "sparse_head/proj/bias": "projections",
+      "sparse_head/layer_norm/scale": "pretrained", "sparse_head/layer_norm/bias": "pretrained",
+      "sparse_head/word_embeddings": "pretrained", "sparse_head/vocab_bias": "pretrained",
+      "tau": "projections",
   }
 
 
@@ -54,7 +54,7 @@ def test_freeze_overrides_groups_and_modes_add_their_own(params):
   labels = _flat_labels(params, _train(freeze=(r"word_embeddings", r"^text_tail/")))
   assert labels["sparse_head/word_embeddings"] == "frozen"
   assert labels["text_tail/proj/kernel"] == "frozen"
-  assert labels["sparse_head/layer_norm/scale"] == "embed"
+  assert labels["sparse_head/layer_norm/scale"] == "pretrained"
   d2s = _flat_labels(params, _train(mode="d2s"))
   assert {k for k, v in d2s.items() if v == "frozen"} == {
       "image_tail/proj/kernel", "image_tail/proj/bias", "text_tail/proj/kernel",
@@ -72,8 +72,8 @@ def test_schedule_matches_linear_warmup_then_decay():
   for step, want_embed, want_head in [(0, 0.0, 0.0), (10, 2.5e-5, 5e-4), (20, 5e-5, 1e-3),
                                       (60, 2.5e-5, 5e-4), (100, 0.0, 0.0)]:
     lrs = optim.schedules(train, total)
-    np.testing.assert_allclose(float(lrs["embed"](step)), want_embed, rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(float(lrs["head"](step)), want_head, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(lrs["pretrained"](step)), want_embed, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(lrs["projections"](step)), want_head, rtol=1e-6, atol=1e-12)
   no_warmup = optim.warmup_linear_decay(1.0, 10, warmup_fraction=0.0)
   np.testing.assert_allclose([float(no_warmup(s)) for s in (0, 5, 10)], [1.0, 0.5, 0.0])
 

@@ -120,7 +120,7 @@ def _train_config(mode="jsds", lr=None, **loss):
   tc = config_base.base_config().train
   tc.mode, tc.batch_size, tc.warmup_fraction = mode, B, 0.0
   if lr:
-    tc.embed.lr = tc.head.lr = lr
+    tc.pretrained.lr = tc.projections.lr = lr
   tc.loss.reg_warmup_fraction = 0.0
   for k, v in loss.items():
     tc.loss[k] = v

@@ -108,7 +108,7 @@ def test_run_writes_checkpoints_logs_and_best(reference):
               "sparsity/flops"):
     assert np.isfinite(vals[-1][key]), key
   assert max(r["score"] for r in vals) == result["best_score"]
-  assert records[0]["loss"] > 0 and "lr_head" in records[0]
+  assert records[0]["loss"] > 0 and "lr_projections" in records[0]
   assert list((workdir / train.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
   assert json.loads((workdir / train.RESULT_FILE).read_text())["step"] == STEPS
 
@@ -205,8 +205,8 @@ def test_diverging_run_stops_without_saving_nan(features, tmp_path):
   # lr(0) = 0 with warm-up, then an absurd rate: the first checkpoint is finite, the next not.
   config = _config(features, num_epochs=2, warmup_fraction=0.5, checkpoint_every=1,
                    keep_checkpoints=10)
-  config.train.head.lr = 1e38
-  config.train.embed.lr = 1e38
+  config.train.projections.lr = 1e38
+  config.train.pretrained.lr = 1e38
   with pytest.raises(train.TrainingDivergedError, match=r"non-finite .* at step (\d+)") as e:
     train.train_and_evaluate(config, tmp_path)
   bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
@@ -219,8 +219,8 @@ def test_diverging_run_stops_without_saving_nan(features, tmp_path):
 
 def test_early_stopping(features, tmp_path):
   config = _config(features, num_epochs=10, patience=2)
-  config.train.head.lr = 0.0  # nothing moves, so the first validation stays the best
-  config.train.embed.lr = 0.0
+  config.train.projections.lr = 0.0  # nothing moves, so the first validation stays the best
+  config.train.pretrained.lr = 0.0
   result = train.train_and_evaluate(config, tmp_path)
   assert result["status"] == "early_stopping"
   assert (result["step"], result["best_step"]) == (12, 4)  # 3 validations, one per epoch

@@ -100,12 +100,12 @@ def test_four_devices_match_one(data, module_and_params, monkeypatch):
 
 def _check_metrics(hist):
   m = hist[0]
-  for k in ("loss", "tau", "nnz_image", "nnz_text", "grad_norm", "param_norm", "lr_embed",
-            "lr_head", "infonce_int", "kd_dense", "reg_text", "eta_image"):
+  for k in ("loss", "tau", "nnz_image", "nnz_text", "grad_norm", "param_norm", "lr_pretrained",
+            "lr_projections", "infonce_int", "kd_dense", "reg_text", "eta_image"):
     assert m[k].shape == () and np.isfinite(m[k]), k
   np.testing.assert_allclose(m["tau"], 0.07, rtol=1e-6)
-  np.testing.assert_allclose([m["lr_embed"], m["lr_head"]], [5e-5, 1e-3], rtol=1e-6)
-  np.testing.assert_allclose(hist[1]["lr_head"], 1e-3 * 2 / 3, rtol=1e-6)  # linear decay
+  np.testing.assert_allclose([m["lr_pretrained"], m["lr_projections"]], [5e-5, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(hist[1]["lr_projections"], 1e-3 * 2 / 3, rtol=1e-6)  # linear decay
   assert 0 < m["nnz_text"] <= V
   np.testing.assert_allclose(m["total"], m["loss"])
 

@@ -33,8 +33,8 @@ def _run(params, module, steps=4, tau_lr=1e-3):
   train.batch_size = B
   train.warmup_fraction = 0.0
   train.loss.reg_warmup_fraction = 0.0
-  train.embed.lr = 1e-2  # large, so that rows that could move do move
-  train.head.lr = tau_lr
+  train.pretrained.lr = 1e-2  # large, so that rows that could move do move
+  train.projections.lr = tau_lr
   rng = np.random.default_rng(0)
   cap_img = np.arange(N_IMG)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
