@@ -96,6 +96,20 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert "configs/nothere.py" in line and "get_config" in line, line
 
 
+@pytest.mark.parametrize("field,value", [("sources", "mdi,nope"), ("test_sources", "clipart")])
+def test_unknown_corpus_source_is_one_line_before_anything_is_built(tmp_path, field, value):
+  # The source list is checked before the corpus is built (npm pack, rendering): a typo must
+  # not cost a download, and must name the field, the value and the valid choices.
+  cache_dir = tmp_path / "data"
+  line = _one_error_line(_run("jsds_jax.encode", "--config", "configs/corpus.py",
+                              f"--config.data.cache_dir={cache_dir}",
+                              f"--config.encode.cache_root={tmp_path / 'features'}",
+                              f"--config.data.{field}={value}"))
+  assert f"data.{field}={value!r}" in line, line
+  assert "choose from openmoji, twemoji, tabler, mdi, lucide, tuxpaint" in line, line
+  assert not cache_dir.exists() and not (tmp_path / "features").exists()
+
+
 def test_binaries_import_no_transformers_before_their_front_door():
   # cli.quiet_startup must run before transformers' import-time notice; the binaries import
   # it lazily (inside main), which this checks.
