@@ -38,7 +38,7 @@ def pytest_configure(config):
 # (they share module-scoped fixtures); every other module follows in collection order.
 FIRST = ("test_readme_search.py", "test_last_block_run.py", "test_multiprocess.py",
          "test_multiprocess_encode.py", "test_train.py", "test_train_cmc.py", "test_eval_itm.py",
-         "test_main.py", "test_eval.py")
+         "test_main.py", "test_pipeline.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
