@@ -107,21 +107,8 @@ def setup():
 
 def _run(setup, n_devices, steps, **train_kw):
   data, module, params = setup
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
-  tc = _train_config(**train_kw)
-  tx = optim.make_optimizer(tc, total_steps=steps)
-  features = input_pipeline.device_features(data["image"], data["text"], data["cap_img"], mesh,
-                                            text_token_ids=data["ids"])
-  order = input_pipeline.epoch_order(0, 0, data["cap_img"], B)
-  state = train_step.create_train_state(jax.tree_util.tree_map(jnp.copy, params), tx,
-                                        jax.random.key(2), mesh)
-  step = train_step.make_train_step(module, tx, tc, steps, mesh, compiler_options=_FAST)
-  dev_order = input_pipeline.device_order(order, mesh)
-  history = []
-  for k in range(steps):
-    state, metrics = step(state, features, dev_order, k)
-    history.append(jax.tree_util.tree_map(np.asarray, metrics))
-  return state, history, order
+  return testing_utils.run_train_steps(data, module, params, _train_config(**train_kw),
+                                       n_devices, steps, B, _FAST)
 
 
 def test_first_step_loss_is_the_loss_of_masked_captions(setup):

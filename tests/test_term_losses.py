@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from jsds_jax import config_base
-from jsds_jax import input_pipeline
-from jsds_jax import optim
 from jsds_jax import term_losses
 from jsds_jax import train_step
 from jsds_jax.models.tail import jsds
+import testing_utils  # tests/testing_utils.py
 
 _FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -145,22 +144,8 @@ def setup():
 
 def _run(setup, n_devices, steps, **loss):
   data, module, params, allowed = setup
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
-  tc = _train_config(**loss)
-  tx = optim.make_optimizer(tc, total_steps=steps)
-  features = input_pipeline.device_features(data["image"], data["text"], data["cap_img"], mesh,
-                                            text_token_ids=data["ids"])
-  order = input_pipeline.epoch_order(0, 0, data["cap_img"], B)
-  state = train_step.create_train_state(jax.tree_util.tree_map(jnp.copy, params), tx,
-                                        jax.random.key(2), mesh)
-  step = train_step.make_train_step(module, tx, tc, steps, mesh, compiler_options=_FAST,
-                                    bow_terms=allowed)
-  dev_order = input_pipeline.device_order(order, mesh)
-  history = []
-  for k in range(steps):
-    state, metrics = step(state, features, dev_order, k)
-    history.append(jax.tree_util.tree_map(np.asarray, metrics))
-  return state, history, order
+  return testing_utils.run_train_steps(data, module, params, _train_config(**loss),
+                                       n_devices, steps, B, _FAST, bow_terms=allowed)
 
 
 @pytest.mark.parametrize("mode", ["jsds", "d2s"])

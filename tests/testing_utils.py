@@ -100,3 +100,33 @@ def save_random_cmc(workdir, tail_params, dim: int, seed: int = 1, **module_kw):
   ckpt.save_best(1, params, meta, checkpoint.Progress(), 0.0)
   ckpt.close()
   return module, params
+
+
+def run_train_steps(data, module, params, tc, n_devices: int, steps: int, batch_size: int,
+                    compiler_options=None, **step_kwargs):
+  """`steps` sharded train steps of `tc` on hand-made data (dict image, text, cap_img, ids)
+  over the first `n_devices` devices, from a copy of `params`, on epoch 0's order.
+
+  Returns (final state, per-step metrics as numpy, the (steps, B) epoch order).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jsds_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from jsds_jax import optim  # pylint: disable=g-import-not-at-top
+  from jsds_jax import train_step  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
+  tx = optim.make_optimizer(tc, total_steps=steps)
+  features = input_pipeline.device_features(data["image"], data["text"], data["cap_img"], mesh,
+                                            text_token_ids=data["ids"])
+  order = input_pipeline.epoch_order(0, 0, data["cap_img"], batch_size)
+  state = train_step.create_train_state(jax.tree_util.tree_map(jnp.copy, params), tx,
+                                        jax.random.key(2), mesh)
+  step = train_step.make_train_step(module, tx, tc, steps, mesh,
+                                    compiler_options=compiler_options, **step_kwargs)
+  dev_order = input_pipeline.device_order(order, mesh)
+  history = []
+  for k in range(steps):
+    state, metrics = step(state, features, dev_order, k)
+    history.append(jax.tree_util.tree_map(np.asarray, metrics))
+  return state, history, order
