@@ -106,7 +106,8 @@ def warmup_linear_decay(peak: float, total_steps: int,
 
 
 def schedules(train: ml_collections.ConfigDict, total_steps: int) -> dict[str, optax.Schedule]:
-  """{"pretrained": schedule, "projections": schedule} from `train.<group>.lr` and `train.warmup_fraction`."""
+  """{"pretrained": schedule, "projections": schedule} from `train.<group>.lr` and
+  `train.warmup_fraction`."""
   return {g: warmup_linear_decay(train[g].lr, total_steps, train.warmup_fraction)
           for g in GROUPS}
 
@@ -115,7 +116,8 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
   """The training optimizer (see the module docstring).
 
   Chain: zero frozen grads → clip by global norm (`train.clip_norm`) → per group AdamW
-  (`train.pretrained`, `train.projections`: lr peak and weight decay, shared b1/b2/eps) or set_to_zero.
+  (`train.pretrained`, `train.projections`: lr peak and weight decay, shared b1/b2/eps) or
+  set_to_zero.
 
   Args:
     train: the config's `train` section.
@@ -134,7 +136,8 @@ def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.
 
   keep = optax.identity()
   return optax.chain(
-      optax.multi_transform({PRETRAINED: keep, PROJECTIONS: keep, FROZEN: optax.set_to_zero()}, labels),
+      optax.multi_transform({PRETRAINED: keep, PROJECTIONS: keep,
+                             FROZEN: optax.set_to_zero()}, labels),
       optax.clip_by_global_norm(train.clip_norm),
       optax.multi_transform({PRETRAINED: adamw(PRETRAINED), PROJECTIONS: adamw(PROJECTIONS),
                              FROZEN: optax.set_to_zero()}, labels),

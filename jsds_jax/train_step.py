@@ -19,6 +19,7 @@ work (tails, sparse head, its gradient) stays local, only the B × B loss is dup
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -140,19 +141,19 @@ def _encode_all(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
   return m(h_img, h_txt, token_ids)
 
 
-def _encode_all_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
+def _encode_with_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None, *,
+                        frozen_dense: bool = False):
+  # jsds, or with `frozen_dense` d2s (as `_encode_d2s`), plus the sparse head's logits.
   e_i, e_t = _dense(m, h_img, h_txt, token_ids)
-  return dict(e_i=e_i, e_t=e_t, tau=m.temperature(), **m.sparse_terms_and_logits(e_i, e_t))
-
-
-def _encode_d2s_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
-  e_i, e_t = jax.lax.stop_gradient(_dense(m, h_img, h_txt, token_ids))
+  if frozen_dense:
+    e_i, e_t = jax.lax.stop_gradient((e_i, e_t))
   return dict(e_i=e_i, e_t=e_t, tau=m.temperature(), **m.sparse_terms_and_logits(e_i, e_t))
 
 
 _ENCODERS = {"jsds": _encode_all, "dense_only": _encode_dense, "d2s": _encode_d2s}
 # With a bag-of-words loss: the head's logits too ("l_i", "l_t"; `term_losses.bow_loss`).
-_ENCODERS_WITH_LOGITS = {"jsds": _encode_all_logits, "d2s": _encode_d2s_logits}
+_ENCODERS_WITH_LOGITS = {"jsds": _encode_with_logits,
+                         "d2s": functools.partial(_encode_with_logits, frozen_dense=True)}
 
 
 def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
@@ -291,8 +292,8 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     for the modalities with a block; the features must then carry the caption token ids.
     metrics: () float32 each: the loss's parts (see `jsds_jax.losses`), "loss", "tau",
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
-    (after pmean, before clipping), "param_norm", "lr_pretrained", "lr_projections"; with `train.pec`
-    also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
+    (after pmean, before clipping), "param_norm", "lr_pretrained", "lr_projections"; with
+    `train.pec` also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
     With `train.pec` or a bag-of-words loss the features must carry the caption token ids.
   """
   settings = LossSettings.from_config(train, total_steps)
