@@ -593,6 +593,7 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
   them must call this with the same config (each its own `encode.cache_root`, or one shared
   root with `encode.shared_cache`).
   """
+  registry.check(config.data)
   backbone = backbone or backbones.load_backbone(config.backbone)
   settings = EncodeSettings.from_config(config)
   # Every split to encode is read (and its data checked) before anything is written, so bad

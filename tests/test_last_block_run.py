@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from jsds_jax import checkpoint
-from jsds_jax import encode
 from jsds_jax import eval as eval_lib
 from jsds_jax import search as search_lib
 from jsds_jax import tail_outputs
@@ -39,8 +38,11 @@ def _config(tmp, **model):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+  """One process with this pytest process's 4 fake devices, the sharded feature layout: also
+  the reference of the two-process test."""
   tmp = tmp_path_factory.mktemp("last_block")
   config = _config(tmp)
+  config.train.features_layout = "sharded"
   result = train.train_and_evaluate(config, tmp / "run")
   return dict(tmp=tmp, config=config, result=result, workdir=tmp / "run")
 
@@ -119,35 +121,29 @@ def test_stream_reads_each_steps_rows_onto_the_mesh():
 
 
 @pytest.mark.slow
-def test_two_processes_stream_their_rows_and_match_one(tmp_path):
+def test_two_processes_stream_their_rows_and_match_one(run, tmp_path):
   """Two real training processes (2 fake devices each, sharded layout: each reads only its own
-  rows of the token-state cache) end with the params of one process with 4 devices."""
-  config = _config(tmp_path)
-  encode.encode(config, progress=False)  # the cache both runs read
-  flags = [f"--config.data.cache_dir={tmp_path / 'data'}",
-           f"--config.encode.cache_root={tmp_path / 'features'}",
+  rows of the token-state cache) end with the params of one process with 4 devices (the module's
+  run, on the same cache)."""
+  flags = [f"--config.data.cache_dir={run['tmp'] / 'data'}",
+           f"--config.encode.cache_root={run['tmp'] / 'features'}",
            "--config.encode.last_block=True", "--config.model.last_block=both",
-           "--config.train.num_epochs=1", "--config.train.features_layout=sharded",
-           "--config.train.checkpoint_every=100"]
-  cmd = lambda wd: [sys.executable, "-m", "jsds_jax.train", "--config",
-                    str(testing_utils.REPO / "configs/tiny.py"), "--workdir", str(wd), *flags]
-  jax_cache = tmp_path / "jax_cache"
+           f"--config.train.num_epochs={run['config'].train.num_epochs}",
+           "--config.train.features_layout=sharded"]
   port = testing_utils.free_port()
-  runs = {"ref": [({}, 4)], "two": [(dict(JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                          JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(p)), 2)
-                                    for p in range(2)]}
   procs, logs = [], []
-  for name, members in runs.items():
-    (tmp_path / name).mkdir()
-    for i, (extra, devices) in enumerate(members):
-      logs.append(tmp_path / name / f"log.{i}")
-      with open(logs[-1], "w") as log:
-        procs.append(subprocess.Popen(
-            cmd(tmp_path / name),
-            env=testing_utils.jax_subprocess_env(devices, jax_cache, **extra),
-            stdout=log, stderr=subprocess.STDOUT, cwd=testing_utils.REPO))
+  for pid in range(2):
+    logs.append(tmp_path / f"log.{pid}")
+    env = testing_utils.jax_subprocess_env(
+        2, tmp_path / "jax_cache", JSDS_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JSDS_NUM_PROCESSES="2", JSDS_PROCESS_ID=str(pid))
+    with open(logs[-1], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "jsds_jax.train", "--config",
+           str(testing_utils.REPO / "configs/tiny.py"), "--workdir", str(tmp_path / "two"),
+           *flags], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=testing_utils.REPO))
   testing_utils.wait_all(procs, logs, timeout=300)
-  ref, _ = checkpoint.load_params(tmp_path / "ref" / "checkpoints")
+  ref, _ = checkpoint.load_params(run["workdir"] / "checkpoints")
   two, _ = checkpoint.load_params(tmp_path / "two" / "checkpoints")
   flat = dict(jax.tree_util.tree_leaves_with_path(ref))
   for path, x in jax.tree_util.tree_leaves_with_path(two):

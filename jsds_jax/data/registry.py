@@ -126,6 +126,22 @@ def include_restval(data_config: Any, default: Any) -> Any:
   return "restval" in splits
 
 
+def check(data_config: Any) -> None:
+  """Checks what can be checked of `data_config` without reading or building data: the name,
+  and a corpus's source selection. `encode` calls it before loading the backbone, so a typo
+  costs seconds, not a model load.
+
+  Raises:
+    ValueError: naming the field, the value and what to use instead.
+  """
+  name = _get(data_config, "name")
+  if name not in NAMES:
+    raise ValueError(f"unknown data source name={name!r}; choose one of {', '.join(NAMES)}")
+  if name == "corpus":
+    corpus_dataset_name(data_config)
+  include_restval(data_config, None)
+
+
 def load_split(data_config: Any, split: str) -> RetrievalSplit:
   """Loads `split` ("train", "val", "test", ...) of the dataset `data_config` describes."""
   name = _get(data_config, "name")
