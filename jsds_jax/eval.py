@@ -229,44 +229,19 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     CacheError: `split_dir` holds no finished cache.
   """
   split_dir, out_dir = pathlib.Path(split_dir), pathlib.Path(out_dir)
-  cache = feature_cache.load_split(split_dir)
-  check_compatible(params, cache["meta"], meta,
-                   vocab_size=backbone.vocab_size if backbone is not None else None)
-  if (html_report or write_index) and backbone is None:
-    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
-    backbone = backbones.load_backbone(config.backbone)
-  if backbone is not None:
-    feature_cache.check_matches(cache["meta"], backbone=backbone.name,
-                                weights_hash=backbone.weights_hash)
+  cache, backbone = _load_checked(config, params, split_dir, meta, backbone,
+                                  need_backbone=html_report or write_index)
   w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
   cap_index = np.asarray(cache["caption_image_index"])
-
-  if backbone is None and any(k.endswith("_block") for k in params):
-    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
-    backbone = backbones.load_backbone(config.backbone)
   out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
   integrated = scores_lib.check_integrated(str(config.eval.integrated))
   scores = scores_lib.score_matrices(out, w1, w2, integrated)
-  per_kind = scores_lib.retrieval(scores, cap_index)
   notes = [n for n in [metrics.small_split_note(int(out.e_i.shape[0]))] if n]
   for note in notes:
     logging.warning("%s", note)
   notes += report_lib.notes_for(meta, w1, w2)
-  zero_shot = _zero_shot(split_dir, cache)
-  if isinstance(zero_shot, str):
-    notes.append(zero_shot)
-  else:
-    per_kind["zero_shot"] = metrics.retrieval_metrics(zero_shot, cap_index)
-  zs = None if isinstance(zero_shot, str) else zero_shot
-  pipe = None
-  if cross_encoder is not None and rerank_with == "cmc":
-    # The chain's "+ITM" lines are eval's "<first stage>+itm" lines: computed once, here.
-    pipe = _pipeline(config, params, out, scores, zs, cache, cross_encoder)
-    for kind, by_line in pipe["table"].items():
-      per_kind[f"{kind}+itm"] = by_line["+ITM"]
-    per_kind.update(_itm_lines({}, zs, cache, cross_encoder))
-  elif cross_encoder is not None:
-    per_kind.update(_itm_lines(scores, zs, cache, cross_encoder))
+  per_kind, pipe = _retrieval_lines(config, params, out, scores, cache, split_dir, notes,
+                                    cross_encoder, chain=rerank_with == "cmc")
   report = report_lib.build(
       per_kind, sparsity_lib.sparsity(out.z_t, out.z_i),
       pruning_lib.pruning_curve(out, scores_lib.integrated_dense(out, integrated), cap_index, w1,
@@ -287,6 +262,70 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
         tuple(config.cmc.rerank_ks), int(config.cmc.attention_block))
   if pipe is not None:
     report["pipeline"] = pipe
+  _write_outputs(out_dir, report, config, params, out, scores, cache, backbone, checkpoint,
+                 integrated, html_report=html_report, write_index=write_index)
+  return report
+
+
+def _load_checked(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                  split_dir: pathlib.Path, meta: Mapping[str, Any] | None, backbone: Any, *,
+                  need_backbone: bool) -> tuple[dict[str, Any], Any]:
+  """The split's cache, checked against the checkpoint (and the backbone, loaded from
+  `config.backbone` if the reports need it or the tail holds trunk blocks and none was given).
+
+  Returns:
+    (the cache as `feature_cache.load_split` gives it, the backbone or None).
+  """
+  cache = feature_cache.load_split(split_dir)
+  check_compatible(params, cache["meta"], meta,
+                   vocab_size=backbone.vocab_size if backbone is not None else None)
+  if backbone is None and (need_backbone or any(k.endswith("_block") for k in params)):
+    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+    backbone = backbones.load_backbone(config.backbone)
+  if backbone is not None:
+    feature_cache.check_matches(cache["meta"], backbone=backbone.name,
+                                weights_hash=backbone.weights_hash)
+  return cache, backbone
+
+
+def _retrieval_lines(config: ml_collections.ConfigDict, params: Mapping[str, Any], out: Any,
+                     scores: Mapping[str, np.ndarray], cache: Mapping[str, Any],
+                     split_dir: pathlib.Path, notes: list[str], cross_encoder: Any, *,
+                     chain: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """The report's retrieval lines: dense, sparse, integrated, the backbone's zero-shot line
+  (or a note in `notes` why not), and with `cross_encoder` the "+itm" lines; with `chain` too
+  the pipeline table (`_pipeline`), whose "+ITM" lines are reused rather than recomputed.
+
+  Returns:
+    ({line: retrieval metrics}, the pipeline table or None).
+  """
+  cap_index = np.asarray(cache["caption_image_index"])
+  per_kind = scores_lib.retrieval(scores, cap_index)
+  zero_shot = _zero_shot(split_dir, cache)
+  if isinstance(zero_shot, str):
+    notes.append(zero_shot)
+    zero_shot = None
+  else:
+    per_kind["zero_shot"] = metrics.retrieval_metrics(zero_shot, cap_index)
+  pipe = None
+  if cross_encoder is not None and chain:
+    pipe = _pipeline(config, params, out, scores, zero_shot, cache, cross_encoder)
+    for kind, by_line in pipe["table"].items():
+      per_kind[f"{kind}+itm"] = by_line["+ITM"]
+    per_kind.update(_itm_lines({}, zero_shot, cache, cross_encoder))
+  elif cross_encoder is not None:
+    per_kind.update(_itm_lines(scores, zero_shot, cache, cross_encoder))
+  return per_kind, pipe
+
+
+def _write_outputs(out_dir: pathlib.Path, report: dict[str, Any],
+                   config: ml_collections.ConfigDict, params: Mapping[str, Any], out: Any,
+                   scores: Mapping[str, np.ndarray], cache: Mapping[str, Any], backbone: Any,
+                   checkpoint: str, integrated: str, *, html_report: bool,
+                   write_index: bool) -> None:
+  """report.{json,md} (+ pruning.png), and as asked report.html, the index and search bundle,
+  and rerank.html when the report holds a CMC rerank table."""
+  w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
   out_dir.mkdir(parents=True, exist_ok=True)
   if write_index:
     model = bundle.model_metadata(backbone.name, backbone.weights_hash, backbone.vocab_size,
@@ -298,7 +337,6 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if "rerank" in report:
     from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
     atomic.write_text(out_dir / "rerank.html", rerank.render_html(report["rerank"]["table"]))
-  return report
 
 
 def find_or_build_cache(config: ml_collections.ConfigDict, split: str,

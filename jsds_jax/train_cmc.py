@@ -19,6 +19,7 @@ result.json.
 """
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 import json
 import pathlib
 import sys
@@ -280,17 +281,43 @@ def _teacher(config: ml_collections.ConfigDict, mined: dict[str, Any], train_dir
   return cmc_candidates.cross_encoder_teacher(mined, train_dir, *cross_encoder)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
-                       cache_dirs: Mapping[str, Any] | None = None,
-                       compiler_options: dict[str, Any] | None = None,
-                       cross_encoder: Any = None) -> dict[str, Any]:
-  """Trains (or resumes) a CMC run in `workdir`; returns its summary (as train.py's).
+@dataclasses.dataclass
+class CMCRun:
+  """Everything a CMC run needs before its first step (`setup`).
 
-  `cross_encoder`: (BlipItm, params) for `cmc.teacher='itm'` (loaded from
-  `config.backbone.checkpoint` when None)."""
+  Attributes:
+    module, tx, mesh: the CMC, its optimizer, the local data mesh.
+    state: the fresh train state (replicated), before any restore.
+    examples: the mined training examples on the devices (`Examples`).
+    metadata: what the checkpoints record (checked on resume).
+    tail_params: the first-stage tail the candidates were mined with.
+    dirs: {"train": cache dir, cmc.val_split: cache dir}.
+    mined: `cmc_candidates.mine`'s result (with the teacher's scores).
+    num_examples, steps_per_epoch, total_steps, num_candidates: the schedule's sizes.
+  """
+  module: cmc_lib.CMC
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state: Any
+  examples: Examples
+  metadata: dict
+  tail_params: Mapping[str, Any]
+  dirs: dict
+  mined: dict
+  num_examples: int
+  steps_per_epoch: int
+  total_steps: int
+  num_candidates: int
+
+
+def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | None = None,
+          cross_encoder: Any = None) -> CMCRun:
+  """Mines the candidates (cached), builds the module, optimizer, state and metadata.
+
+  Raises:
+    ValueError: cmc.batch_size does not fit the devices or the training queries.
+  """
   cc = config.cmc
-  workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   tail_params, tail_meta = load_tail(cc.init_from)
   splits = ("train", cc.val_split)
   dirs = ({s: pathlib.Path(cache_dirs[s]) for s in splits} if cache_dirs
@@ -317,71 +344,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
                             jax.sharding.NamedSharding(mesh, P()))
   module = module_from_config(cc, input_scale=input_scale_for(cc, mined["tau"]))
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  params = cmc_lib.init_cmc(init_rng, module, input_dim)
   tx = make_optimizer(cc, total_steps)
-  state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
+  state = sharding.replicate(train_step.create_train_state(
+      cmc_lib.init_cmc(init_rng, module, input_dim), tx, state_rng), mesh)
   metadata = make_metadata(config, tail_meta, mined["tail_hash"], input_dim, steps_per_epoch,
                            total_steps)
   metadata["input_scale"] = module.input_scale
   metadata["teacher"] = mined.get("teacher", "first_stage")
+  return CMCRun(module=module, tx=tx, mesh=mesh, state=state, examples=examples,
+                metadata=metadata, tail_params=tail_params, dirs=dirs, mined=mined,
+                num_examples=num_examples, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps, num_candidates=int(host["candidates"].shape[1]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       cache_dirs: Mapping[str, Any] | None = None,
+                       compiler_options: dict[str, Any] | None = None,
+                       cross_encoder: Any = None) -> dict[str, Any]:
+  """Trains (or resumes) a CMC run in `workdir`; returns its summary (as train.py's).
+
+  `cross_encoder`: (BlipItm, params) for `cmc.teacher='itm'` (loaded from
+  `config.backbone.checkpoint` when None)."""
+  cc = config.cmc
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = setup(config, cache_dirs, cross_encoder)
   ckpt = checkpoint.Checkpointer(workdir, cc.checkpoint_every, cc.keep_checkpoints)
   writer = None
   try:
-    latest = ckpt.latest_step()
-    if latest is not None:
-      saved = checkpoint.load_params(ckpt.step_dir(latest))[1]
-      checkpoint.check_compatible(saved, metadata, CMC_RESUME_KEYS,
-                                  where=f"checkpoint '{ckpt.step_dir(latest)}'")
-    restored = ckpt.restore_latest(state, metadata)
-    state, progress = restored if restored else (state, checkpoint.Progress())
-    step = start = int(state.step)
+    state, progress = _restore(ckpt, run)
+    start = int(state.step)
     status = progress.status
     writer = metric_writer.MetricWriter(workdir, start)
-    validator = Validator(tail_params, dirs[cc.val_split], cc, w1, w2)
-    step_fn = make_train_step(module, tx, cc, mesh, compiler_options)
+    validator = Validator(run.tail_params, run.dirs[cc.val_split], cc, float(config.train.loss.w1),
+                          float(config.train.loss.w2))
+    step_fn = make_train_step(run.module, run.tx, cc, run.mesh, compiler_options)
     logging.info("training CMC: %d steps (%d epochs x %d), %d queries, C = %d, from step %d",
-                 total_steps, cc.num_epochs, steps_per_epoch, num_examples,
-                 host["candidates"].shape[1], start)
-    t0, window = time.time(), []
-    while step < total_steps and status in ("", "preempted"):
+                 run.total_steps, cc.num_epochs, run.steps_per_epoch, run.num_examples,
+                 run.num_candidates, start)
+    t0, window, order, done = time.time(), [], None, start
+    if status in ("", "preempted"):  # else the run had finished: nothing left to do
       status = ""
-      epoch, k0 = progress.epoch, progress.step_in_epoch
-      order = jax.device_put(epoch_order(config.seed, epoch, num_examples, cc.batch_size),
-                             jax.sharding.NamedSharding(mesh, P(None, AXIS)))
-      for k in range(k0, steps_per_epoch):
-        state, m = step_fn(state, examples, order, k)
-        step += 1
-        window.append(m)
-        progress.epoch, progress.step_in_epoch = ((epoch + 1, 0) if k + 1 == steps_per_epoch
-                                                  else (epoch, k + 1))
-        epoch_done = progress.step_in_epoch == 0
-        if epoch_done:
-          means = {n: float(np.mean([float(w[n]) for w in window])) for n in window[0]}
-          if not all(np.isfinite(v) for v in means.values()):
-            raise train_lib.TrainingDivergedError(f"non-finite CMC metrics at step {step}: "
-                                                  f"{means}")
-          writer.write("train", step, {**means, "epoch": progress.epoch,
+      for step in range(start, run.total_steps):
+        epoch, k = divmod(step, run.steps_per_epoch)
+        if order is None or k == 0:
+          order = jax.device_put(epoch_order(config.seed, epoch, run.num_examples,
+                                             cc.batch_size),
+                                 jax.sharding.NamedSharding(run.mesh, P(None, AXIS)))
+        state, metrics = step_fn(state, run.examples, order, k)
+        window.append(metrics)
+        done = step + 1
+        progress.epoch, progress.step_in_epoch = divmod(done, run.steps_per_epoch)
+        if progress.step_in_epoch == 0:  # an epoch ends: its mean metrics, maybe validation
+          writer.write("train", done, {**_window_means(window, done), "epoch": progress.epoch,
                                        "steps_per_second": len(window) / (time.time() - t0)})
           t0, window = time.time(), []
-        if epoch_done and (step == total_steps or progress.epoch % cc.eval_every_epochs == 0):
-          status = _validate(validator, state, step, progress, ckpt, metadata, writer, cc)
-        done = step == total_steps or status != ""
-        if done or ckpt.should_save(step):
-          if step == total_steps and not status:
-            status = "completed"
-          progress.status = status if done else ""
-          ckpt.save(state, metadata, progress)
-        if done:
+          if done == run.total_steps or progress.epoch % cc.eval_every_epochs == 0:
+            status = _validate(validator, state, done, progress, ckpt, run.metadata, writer, cc)
+        finished = done == run.total_steps or status != ""
+        if finished or ckpt.should_save(done):
+          progress.status = (status or "completed") if finished else ""
+          ckpt.save(state, run.metadata, progress)
+        if finished:
           break
     ckpt.wait_until_finished()
-    best_step, best_progress = ckpt.best_progress()
-    result = {"status": status or "completed", "step": step, "total_steps": total_steps,
-              "best_score": progress.best_score, "best_step": progress.best_step,
-              "final_val": dict(progress.last_val),
-              "best_val": best_progress.last_val if best_progress else {},
-              "workdir": str(workdir),
-              "best_dir": str(ckpt.step_dir(best_step, best=True)) if best_progress else "",
-              "candidates_dir": str(mined["dir"]), "num_queries": num_examples}
+    result = _summary(status or "completed", done, run, progress, ckpt, workdir)
     feature_cache.atomic_write_json(workdir / RESULT_FILE, result)
     return result
   finally:
@@ -389,6 +416,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     ckpt.close()
     if writer is not None:
       writer.close()
+
+
+def _restore(ckpt: checkpoint.Checkpointer, run: CMCRun) -> tuple[Any, checkpoint.Progress]:
+  """(state, progress) of the latest checkpoint in the run, checked against `run.metadata`;
+  (the fresh state, a fresh progress) when there is none."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    saved = checkpoint.load_params(ckpt.step_dir(latest))[1]
+    checkpoint.check_compatible(saved, run.metadata, CMC_RESUME_KEYS,
+                                where=f"checkpoint '{ckpt.step_dir(latest)}'")
+  restored = ckpt.restore_latest(run.state, run.metadata)
+  return restored if restored else (run.state, checkpoint.Progress())
+
+
+def _window_means(window: list[Mapping[str, Any]], step: int) -> dict[str, float]:
+  """The mean of each step metric over `window`.
+
+  Raises:
+    TrainingDivergedError: one of them is not finite.
+  """
+  means = {n: float(np.mean([float(w[n]) for w in window])) for n in window[0]}
+  if not all(np.isfinite(v) for v in means.values()):
+    raise train_lib.TrainingDivergedError(f"non-finite CMC metrics at step {step}: {means}")
+  return means
+
+
+def _summary(status: str, step: int, run: CMCRun, progress: checkpoint.Progress,
+             ckpt: checkpoint.Checkpointer, workdir: pathlib.Path) -> dict[str, Any]:
+  """What `train_and_evaluate` returns and writes to result.json."""
+  best_step, best_progress = ckpt.best_progress()
+  return {"status": status, "step": step, "total_steps": run.total_steps,
+          "best_score": progress.best_score, "best_step": progress.best_step,
+          "final_val": dict(progress.last_val),
+          "best_val": best_progress.last_val if best_progress else {},
+          "workdir": str(workdir),
+          "best_dir": str(ckpt.step_dir(best_step, best=True)) if best_progress else "",
+          "candidates_dir": str(run.mined["dir"]), "num_queries": run.num_examples}
 
 
 def _validate(validator, state, step, progress, ckpt, metadata, writer, cc) -> str:
