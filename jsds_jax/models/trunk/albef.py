@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsds_jax.models.trunk import bert
+from jsds_jax.models.trunk import blip
 from jsds_jax.models.trunk import convert
 from jsds_jax.models.trunk import vit
 from jsds_jax.models.trunk import weights
@@ -141,21 +142,10 @@ def convert_albef(state_dict: Mapping[str, Any], config: AlbefConfig,
 
 
 @dataclasses.dataclass(frozen=True)
-class Albef:
-  """A loaded ALBEF checkpoint; the same fields as `blip.Blip`."""
+class Albef(blip.Blip):
+  """A loaded ALBEF checkpoint: `blip.Blip`'s fields, with an `AlbefConfig`."""
 
   config: AlbefConfig
-  vision_tower: vit.VisionTransformer
-  vision_params: dict
-  text_tower: bert.BertEncoder
-  text_params: dict
-  vision_proj: dict
-  text_proj: dict
-  word_embeddings: np.ndarray
-  image_size: int
-  image_mean: tuple[float, float, float]
-  image_std: tuple[float, float, float]
-  tokenizer: Optional[Any] = None
 
 
 def weight_file(checkpoint: str | os.PathLike) -> pathlib.Path:

@@ -140,6 +140,24 @@ def _normalisation(directory: pathlib.Path) -> tuple[tuple, tuple]:
   return BLIP_IMAGE_MEAN, BLIP_IMAGE_STD
 
 
+def read_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[
+    pathlib.Path, BlipConfig, dict, tuple[tuple, tuple], Optional[Any]]:
+  """What a `BlipForImageTextRetrieval` folder (or hub id) holds, unconverted.
+
+  Returns:
+    (the folder, its `BlipConfig`, the state dict, (image_mean, image_std), the Hugging Face
+    tokenizer or None when the folder has no tokenizer files).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = weights.resolve_checkpoint(str(checkpoint_dir))
+  config = BlipConfig.from_hf(transformers.BlipConfig.from_pretrained(str(directory)))
+  state_dict = weights.load_state_dict(weights.find_weight_file(directory))
+  tokenizer = None
+  if any((directory / f).exists() for f in _TOKENIZER_FILES):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+  return directory, config, state_dict, _normalisation(directory), tokenizer
+
+
 def load_blip(checkpoint_dir: str | os.PathLike, dtype: Any = jnp.float32,
               attention_impl: Optional[str] = None) -> Blip:
   """Loads BLIP's unimodal towers from a `BlipForImageTextRetrieval` directory or hub id.
@@ -150,15 +168,8 @@ def load_blip(checkpoint_dir: str | os.PathLike, dtype: Any = jnp.float32,
     dtype: computation dtype of both towers.
     attention_impl: `jax.nn.dot_product_attention` implementation for both towers.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
-  directory = weights.resolve_checkpoint(str(checkpoint_dir))
-  config = BlipConfig.from_hf(transformers.BlipConfig.from_pretrained(str(directory)))
-  state_dict = weights.load_state_dict(weights.find_weight_file(directory))
+  directory, config, state_dict, (mean, std), tokenizer = read_checkpoint(checkpoint_dir)
   converted = convert_blip(state_dict, config, source=str(directory))
-  mean, std = _normalisation(directory)
-  tokenizer = None
-  if any((directory / f).exists() for f in _TOKENIZER_FILES):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
   return Blip(
       config=config,
       vision_tower=vit.VisionTransformer(config.vision, dtype=dtype,

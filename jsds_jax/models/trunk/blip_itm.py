@@ -201,15 +201,8 @@ def load_blip_itm(checkpoint_dir: str | os.PathLike, dtype: Any = jnp.float32,
     enc_token_id: "auto" (the tokenizer's `[ENC]`, else 30523), an id, or None to keep the
       first token as Hugging Face does.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
-  directory = weights.resolve_checkpoint(str(checkpoint_dir))
-  config = blip.BlipConfig.from_hf(transformers.BlipConfig.from_pretrained(str(directory)))
-  state_dict = weights.load_state_dict(weights.find_weight_file(directory))
+  directory, config, state_dict, (mean, std), tokenizer = blip.read_checkpoint(checkpoint_dir)
   converted = convert_blip_itm(state_dict, config, source=str(directory))
-  mean, std = blip._normalisation(directory)  # pylint: disable=protected-access
-  tokenizer = None
-  if any((directory / f).exists() for f in blip._TOKENIZER_FILES):  # pylint: disable=protected-access
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
   towers = blip.Blip(
       config=config,
       vision_tower=vit.VisionTransformer(config.vision, dtype=dtype,
