@@ -36,7 +36,6 @@ from jsds_jax.models.trunk import bert
 from jsds_jax.models.trunk import blip
 from jsds_jax.models.trunk import convert
 from jsds_jax.models.trunk import vit
-from jsds_jax.models.trunk import weights
 
 ENC_TOKEN = "[ENC]"
 # bert-base-uncased has 30522 words; BLIP's tokenizer adds [DEC] (30522) then [ENC] (30523).
