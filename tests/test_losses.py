@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jsds_jax import losses
+import testing_utils  # tests/testing_utils.py
 
 TOL = 1e-6
 
@@ -37,18 +38,13 @@ def max_abs(x):
   return float(np.max(np.abs(x)))
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # ---------------------------------------------------------------- NumPy reference (float64)
 
 
-def np_log_softmax(s):
-  m = s.max(axis=1, keepdims=True)
-  return s - m - np.log(np.exp(s - m).sum(axis=1, keepdims=True))
+np_log_softmax = testing_utils.np_log_softmax
 
 
 def np_softmax(s):

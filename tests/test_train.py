@@ -17,7 +17,6 @@ import pytest
 
 from jsds_jax import checkpoint
 from jsds_jax import train
-from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import validation
 import testing_utils  # tests/testing_utils.py
 
@@ -42,19 +41,9 @@ def features(tmp_path_factory):
   """A `train.features` folder with train / val caches and tail_init.safetensors, made
   directly (no backbone to load): captions are noisy linear images of their pictures' features,
   so retrieval is learnable; a 1000-word vocabulary keeps steps and checkpoints small."""
-  root = tmp_path_factory.mktemp("features") / "fake-0123" / "fake"
-  rng = np.random.default_rng(0)
-  mix = rng.normal(size=(D_IMG, D_TXT)).astype(np.float32)
-  for split, n_img in (("train", 32), ("val", 8)):
-    image = rng.normal(size=(n_img, D_IMG)).astype(np.float32)
-    cap_img = np.repeat(np.arange(n_img), 2)
-    text = image[cap_img] @ mix + 0.5 * rng.normal(size=(2 * n_img, D_TXT)).astype(np.float32)
-    testing_utils.write_split(root / split, image, text, cap_img)
-  proj = lambda d: rng.normal(size=(d, EMBED)).astype(np.float32) / np.sqrt(d)
-  feature_cache.save_tail_init(root.parent / feature_cache.TAIL_INIT, {
-      "word_embeddings": rng.normal(size=(VOCAB, WORD_DIM)).astype(np.float32) * 0.1,
-      "image_proj.kernel": proj(D_IMG), "image_proj.bias": np.zeros(EMBED, np.float32),
-      "text_proj.kernel": proj(D_TXT), "text_proj.bias": np.zeros(EMBED, np.float32)})
+  root = testing_utils.write_fake_features(
+      tmp_path_factory.mktemp("features") / "fake-0123" / "fake", {"train": 32, "val": 8},
+      d_img=D_IMG, d_txt=D_TXT, embed=EMBED, vocab=VOCAB, word_dim=WORD_DIM)
   return root
 
 

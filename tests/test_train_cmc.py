@@ -83,19 +83,9 @@ def test_reranked_ranks_hand_made():
 @pytest.fixture(scope="module")
 def tail(tmp_path_factory):
   """Fake feature caches and a tail for them: (config, tail workdir)."""
-  root = tmp_path_factory.mktemp("features") / "fake-0123" / "fake"
-  rng = np.random.default_rng(0)
-  mix = rng.normal(size=(D_IMG, D_TXT)).astype(np.float32)
-  for split, n_img in (("train", 32), ("val", 12)):
-    image = rng.normal(size=(n_img, D_IMG)).astype(np.float32)
-    cap_img = np.repeat(np.arange(n_img), 2)
-    text = image[cap_img] @ mix + 0.5 * rng.normal(size=(2 * n_img, D_TXT)).astype(np.float32)
-    testing_utils.write_split(root / split, image, text, cap_img)
-  proj = lambda d: rng.normal(size=(d, EMBED)).astype(np.float32) / np.sqrt(d)
-  feature_cache.save_tail_init(root.parent / feature_cache.TAIL_INIT, {
-      "word_embeddings": rng.normal(size=(VOCAB, WORD_DIM)).astype(np.float32) * 0.1,
-      "image_proj.kernel": proj(D_IMG), "image_proj.bias": np.zeros(EMBED, np.float32),
-      "text_proj.kernel": proj(D_TXT), "text_proj.bias": np.zeros(EMBED, np.float32)})
+  root = testing_utils.write_fake_features(
+      tmp_path_factory.mktemp("features") / "fake-0123" / "fake", {"train": 32, "val": 12},
+      d_img=D_IMG, d_txt=D_TXT, embed=EMBED, vocab=VOCAB, word_dim=WORD_DIM)
   config = testing_utils.load_config("tiny")
   config.train.features = str(root)
   # A tail saved directly (no training run: that is test_train.py's business), as a best

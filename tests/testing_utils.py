@@ -130,3 +130,33 @@ def run_train_steps(data, module, params, tc, n_devices: int, steps: int, batch_
     state, metrics = step(state, features, dev_order, k)
     history.append(jax.tree_util.tree_map(np.asarray, metrics))
   return state, history, order
+
+
+def write_fake_features(root: pathlib.Path, images: dict[str, int], *, d_img: int, d_txt: int,
+                        embed: int, vocab: int, word_dim: int, seed: int = 0) -> pathlib.Path:
+  """A finished feature-cache folder made directly (no backbone to load): for each split in
+  `images` ({split: number of images}) 2 captions per image that are noisy linear images of their
+  pictures' features (so retrieval is learnable), and tail_init.safetensors beside the splits
+  (a `vocab` x `word_dim` embedding, random `embed`-d projections). Returns `root`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jsds_jax.data import feature_cache  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(d_img, d_txt)).astype(np.float32)
+  for split, n_img in images.items():
+    image = rng.normal(size=(n_img, d_img)).astype(np.float32)
+    cap_img = np.repeat(np.arange(n_img), 2)
+    text = image[cap_img] @ mix + 0.5 * rng.normal(size=(2 * n_img, d_txt)).astype(np.float32)
+    write_split(root / split, image, text, cap_img)
+  proj = lambda d: rng.normal(size=(d, embed)).astype(np.float32) / np.sqrt(d)
+  feature_cache.save_tail_init(root.parent / feature_cache.TAIL_INIT, {
+      "word_embeddings": rng.normal(size=(vocab, word_dim)).astype(np.float32) * 0.1,
+      "image_proj.kernel": proj(d_img), "image_proj.bias": np.zeros(embed, np.float32),
+      "text_proj.kernel": proj(d_txt), "text_proj.bias": np.zeros(embed, np.float32)})
+  return root
+
+
+def np_log_softmax(s):
+  """Row-wise log-softmax in NumPy (float64 references for the losses)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  m = s.max(axis=1, keepdims=True)
+  return s - m - np.log(np.exp(s - m).sum(axis=1, keepdims=True))
