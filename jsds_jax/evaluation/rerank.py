@@ -254,7 +254,7 @@ def render_html(table: Mapping[str, Any]) -> str:
 def cmc_report(cmc_path: str, tail_params: Any, image_emb_dense: np.ndarray,
                caption_emb_dense: np.ndarray, cache: Mapping[str, Any],
                score_mats: Mapping[str, np.ndarray], ks: Sequence[int] = RERANK_KS,
-               attention_block: int = 1024) -> dict[str, Any]:
+               attention_block: int = 128) -> dict[str, Any]:
   """What eval's report gains with `--rerank cmc`: the rerank table of a trained CMC.
 
   Args:
