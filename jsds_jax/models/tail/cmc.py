@@ -44,7 +44,8 @@ class SelfAttention(nn.Module):
   over the heads without transposes of the (L, L) logits; 1/√dh is applied to q (L·D
   multiplies, not H·L²); the softmax is left unnormalised until after weights·V (the output is
   divided by each row's sum: H·L·dh divides instead of H·L² — the same numbers up to float32
-  rounding). On one CPU thread this is ~2× faster than the textbook layout (bench/README).
+  rounding). On one CPU thread the forward is 1.5–2× faster than with the textbook (B, L, H, dh)
+  layout (bench/README, "CMC reranker").
 
   Attributes:
     num_heads: H; the width D must be a multiple of it.
@@ -171,7 +172,7 @@ class CMC(nn.Module):
     gate_init: the gate logit's start (learned) or value (fixed).
     dtype: computation dtype; params stay float32.
     attention_block: 0, or attend this many sequence positions at a time (`SelfAttention`):
-      the same scores with O(block·K) memory, for K in the thousands.
+      the same scores with O(block·K) memory, for K in the thousands (128 is fast on a CPU).
     input_scale: q and c are multiplied by it first, so a fresh module scores
       input_scale²·⟨q, c⟩: with τ^(-1/2) of the tail, the dense first stage's cos/τ (whose
       spread a softmax can use) instead of a cosine in [-1, 1]. 1 = the official module.
