@@ -64,7 +64,7 @@ def _parse(argv):
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--mlp-dim", type=int, default=2048)
-  p.add_argument("--block", type=int, default=1024, help="query block of the attention")
+  p.add_argument("--block", type=int, default=128, help="query block of the attention")
   p.add_argument("--block-from", type=int, default=2048,
                  help="attend in blocks from this many candidates on (0 = never)")
   p.add_argument("--queries", type=int, default=20, help="timed queries per K (>= 3)")

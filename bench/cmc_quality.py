@@ -93,7 +93,7 @@ def references(tail: str, config) -> dict:
 def run_one(args, variant: str, seed: int) -> dict:
   from jsds_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
-  from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
+  from jsds_jax import trained_cmc  # pylint: disable=g-import-not-at-top
   wd = args.out / f"{variant}-s{seed}"
   done = wd / "test_rerank.json"
   if done.exists():
@@ -102,8 +102,8 @@ def run_one(args, variant: str, seed: int) -> dict:
   res = train_cmc.train_and_evaluate(config, wd, cache_dirs=train_lib.feature_dirs(
       config, ["train", config.cmc.val_split]))
   params, cache, out, mats = _test_scores(args.tail, config)
-  rep = rerank.cmc_report(res["best_dir"] or str(wd), params, out.e_i, out.e_t, cache,
-                          {"integrated": mats["integrated"]}, ks=KS)
+  rep = trained_cmc.cmc_report(res["best_dir"] or str(wd), params, out.e_i, out.e_t, cache,
+                               {"integrated": mats["integrated"]}, ks=KS)
   row = {"variant": variant, "seed": seed, "best_step": res["best_step"],
          "val_score": res["best_score"]}
   for d, r in rep["table"]["integrated"].items():

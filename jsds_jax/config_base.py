@@ -243,7 +243,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.cmc.keep_checkpoints = 2
   c.cmc.rerank_ks = (16, 64, 256, 1024)  # eval --rerank cmc
   c.cmc.pipeline_k = 256          # eval --rerank cmc,itm: CMC's K; ITM rescores its top --rerank_k
-  c.cmc.attention_block = 1024    # eval: attend in query blocks from this K on (0 = never)
+  c.cmc.attention_block = 128     # eval: attend in query blocks of this size (0 = never); 128 keeps
+                                  # the (heads, 128, K) logits in a CPU's cache (bench/README)
   # Terms the sparse head may never weight (jsds_jax/vocab_mask.py): "none", "special" (special
   # tokens and [unused*], standard in learned sparse retrieval), "special_punct" (+ punctuation),
   # "special_punct_stop" (+ English stopwords).

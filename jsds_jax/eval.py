@@ -163,7 +163,7 @@ def _pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any], out:
               cache: Mapping[str, Any], cross_encoder: Any) -> dict[str, Any]:
   """report["pipeline"]: first stage -> CMC (top `cmc.pipeline_k`) -> ITM (top k')."""
   from jsds_jax import cmc_candidates  # pylint: disable=g-import-not-at-top
-  from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+  from jsds_jax import trained_cmc  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import pipeline  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
@@ -173,8 +173,8 @@ def _pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any], out:
   if not config.cmc.checkpoint:
     raise rerank.RerankError("--rerank cmc,itm needs the CMC run: set "
                              "--config.cmc.checkpoint=WORKDIR (python -m jsds_jax.train_cmc)")
-  module, cmc_params, meta = train_cmc.load_cmc(config.cmc.checkpoint, params,
-                                                int(config.cmc.attention_block))
+  module, cmc_params, meta = trained_cmc.load_cmc(config.cmc.checkpoint, params,
+                                                  int(config.cmc.attention_block))
   image_emb, caption_emb = cmc_candidates.item_embeddings(out, cache,
                                                           meta.get("inputs", "dense"))
   itm, itm_params, settings = cross_encoder
@@ -254,10 +254,11 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       integrated_formula=scores_lib.INTEGRATED_FORMULAS[integrated],
       lexical=_lexical(out, cache, cap_index, backbone, notes))
   if rerank_with:
+    from jsds_jax import trained_cmc  # pylint: disable=g-import-not-at-top
     from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
     if rerank_with != "cmc":
       raise rerank.RerankError(f"--rerank {rerank_with!r}: the only reranker is 'cmc'")
-    report["rerank"] = rerank.cmc_report(
+    report["rerank"] = trained_cmc.cmc_report(
         config.cmc.checkpoint, params, out.e_i, out.e_t, cache, scores,
         tuple(config.cmc.rerank_ks), int(config.cmc.attention_block))
   if pipe is not None:

@@ -99,7 +99,7 @@ def _train_cmc(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     summary).
   """
   from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = config.copy_and_resolve_references()  # the caller's config stays as it was
   config.cmc.init_from = str(workdir)
   config.cmc.checkpoint = str(workdir / CMC_DIR)
   summary = train_cmc.train_and_evaluate(config, workdir / CMC_DIR, cache_dirs=dirs)

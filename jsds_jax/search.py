@@ -129,9 +129,9 @@ class Searcher:
     self._encode = jax.jit(encode)
     self.cmc = None
     if cmc:
-      from jsds_jax import train_cmc  # pylint: disable=g-import-not-at-top
+      from jsds_jax import trained_cmc  # pylint: disable=g-import-not-at-top
       from jsds_jax.evaluation import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-      self.cmc = train_cmc.load_cmc(cmc, self.params)
+      self.cmc = trained_cmc.load_cmc(cmc, self.params)
       if self.cmc[2].get("inputs", "dense") != "dense":
         raise rerank_lib.RerankError(f"the CMC at '{cmc}' reads pre-projection states; search "
                                      "stores only the images' dense embeddings")

@@ -48,12 +48,13 @@ from jsds_jax import sharding
 from jsds_jax import tail_outputs
 from jsds_jax import train as train_lib
 from jsds_jax import train_step
+from jsds_jax import trained_cmc
 from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import rerank
 from jsds_jax.models.tail import cmc as cmc_lib
 
 AXIS = "data"
-MODE = "cmc"
+MODE = trained_cmc.MODE  # the metadata mode of a CMC checkpoint
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 # Metadata a resumed CMC run must share with its checkpoint.
@@ -472,33 +473,6 @@ def _validate(validator, state, step, progress, ckpt, metadata, writer, cc) -> s
   if cc.patience > 0 and progress.evals_since_best >= cc.patience:
     return "early_stopping"
   return ""
-
-
-def load_cmc(path: str, tail_params: Mapping[str, Any] | None = None,
-             attention_block: int = 0) -> tuple[cmc_lib.CMC, dict, dict]:
-  """A trained CMC (module, params, metadata), checked against the tail it will rerank for.
-
-  Raises:
-    CheckpointError: nothing readable at `path`.
-    RerankError: not a CMC checkpoint, or one trained on another tail (the message names both
-      fingerprints and the tail it was trained on).
-  """
-  params, meta = checkpoint.load_params(path)
-  if meta.get("mode") != MODE:
-    raise rerank.RerankError(f"'{path}' is not a CMC checkpoint (its mode is "
-                             f"{meta.get('mode')!r}): pass the workdir of train_cmc")
-  if tail_params is not None:
-    have = cmc_candidates.tail_hash(tail_params)
-    if have != meta.get("tail_hash"):
-      raise rerank.RerankError(
-          f"the CMC at '{path}' was trained on the tail '{meta.get('tail_checkpoint')}' "
-          f"(fingerprint {meta.get('tail_hash')}), not on this one (fingerprint {have}): "
-          "rerank with the tail it was trained on, or train a CMC for this tail")
-  module = cmc_lib.module_for(params, num_heads=int(meta.get("num_heads", 4)),
-                              gate=meta.get("gate"), gate_init=float(meta.get("gate_init", -5.0)),
-                              attention_block=attention_block,
-                              input_scale=float(meta.get("input_scale", 1.0)))
-  return module, params, meta
 
 
 def main(argv: Sequence[str]) -> None:

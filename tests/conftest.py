@@ -70,3 +70,12 @@ def x64():
   import jax  # pylint: disable=g-import-not-at-top
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_blip(tmp_path_factory):
+  """(torch model, saved folder): `testing_utils.save_tiny_hf_blip`, made once for test_blip.py
+  and test_blip_itm.py."""
+  import testing_utils  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("tiny_hf_blip")
+  return testing_utils.save_tiny_hf_blip(path), path

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
+
+import testing_utils  # tests/testing_utils.py
 
 from jsds_jax.models.trunk import blip
 from jsds_jax.models.trunk import convert
@@ -16,28 +17,11 @@ from jsds_jax.models.trunk import vit
 TOL = 1e-4
 
 
-def _tiny_hf_config():
-  return transformers.BlipConfig(
-      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4),
-      text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
-                       bos_token_id=98, pad_token_id=0, sep_token_id=3, eos_token_id=2),
-      image_text_hidden_size=16)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tiny_blip")
-  torch.manual_seed(0)
-  model = transformers.BlipForImageTextRetrieval(_tiny_hf_config()).eval()
-  # HF initialises the vision class/position embeddings with std 1e-10; make them matter.
-  with torch.no_grad():
-    emb = model.vision_model.embeddings
-    emb.class_embedding.normal_(0, 0.5)
-    emb.position_embedding.normal_(0, 0.5)
-  model.save_pretrained(path)
-  return model, path
+@pytest.fixture(name="tiny")
+def _tiny(tiny_hf_blip):
+  """The shared tiny BLIP (tests/conftest.py; HF's near-0 vision class/position embeddings
+  redrawn so they matter)."""
+  return tiny_hf_blip
 
 
 def test_crossattention_is_in_the_checkpoint_and_skipped(tiny):
@@ -49,7 +33,7 @@ def test_crossattention_is_in_the_checkpoint_and_skipped(tiny):
   assert loaded.config.text.type_vocab_size == 0
   # save_pretrained leaves defaults out of config.json; the dict path must fill them back in.
   assert blip.BlipConfig.from_hf(json.loads((path / "config.json").read_text())) == loaded.config
-  assert loaded.config.vision == vit.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+  assert loaded.config.vision == vit.ViTConfig(image_size=32, patch_size=8, hidden_size=24,
                                                num_layers=2, num_heads=4, intermediate_size=37,
                                                layer_norm_eps=1e-5)
   assert loaded.word_embeddings.shape == (100, 32)
@@ -62,14 +46,7 @@ def test_crossattention_is_in_the_checkpoint_and_skipped(tiny):
 def test_unimodal_parity(tiny):
   model, path = tiny
   loaded = blip.load_blip(path)
-  rng = np.random.default_rng(0)
-  pixels = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
-  ids = np.zeros((3, 7), np.int32)
-  mask = np.zeros((3, 7), np.int32)
-  for i, n in enumerate([7, 4, 2]):
-    ids[i, :n] = rng.integers(4, 98, n)
-    ids[i, 0] = 1  # A [CLS]-like start token.
-    mask[i, :n] = 1
+  pixels, ids, mask = testing_utils.blip_batch(np.random.default_rng(0), lengths=(7, 4, 2))
 
   with torch.no_grad():
     out = model(input_ids=torch.from_numpy(ids).long(),

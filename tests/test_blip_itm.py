@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
+
+import testing_utils  # tests/testing_utils.py
 
 from jsds_jax.models.trunk import bert
 from jsds_jax.models.trunk import blip
@@ -16,43 +17,15 @@ TOL = 1e-4
 ENC = 99  # the tiny vocabulary's stand-in for [ENC]
 
 
-def _tiny_hf_config():
-  return transformers.BlipConfig(
-      vision_config=dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4),
-      text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
-                       bos_token_id=98, pad_token_id=0, sep_token_id=3, eos_token_id=2),
-      image_text_hidden_size=16)
+@pytest.fixture(name="tiny")
+def _tiny(tiny_hf_blip):
+  """The shared tiny BLIP (tests/conftest.py): its vision width (24) differs from the text
+  width (32), so that the cross-attention's key/value shapes are checked too."""
+  return tiny_hf_blip
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """A random tiny BLIP whose vision width (24) differs from the text width (32), so that the
-  cross-attention's key/value shapes are checked too."""
-  path = tmp_path_factory.mktemp("tiny_blip_itm")
-  torch.manual_seed(0)
-  model = transformers.BlipForImageTextRetrieval(_tiny_hf_config()).eval()
-  with torch.no_grad():
-    emb = model.vision_model.embeddings
-    emb.class_embedding.normal_(0, 0.5)
-    emb.position_embedding.normal_(0, 0.5)
-    # A default-initialised head gives logits near 0; widen it so a wrong input shows.
-    model.itm_head.weight.normal_(0, 1.0)
-    model.itm_head.bias.normal_(0, 1.0)
-  model.save_pretrained(path)
-  return model, path
-
-
-def _batch(rng, b=4, l=7):
-  pixels = rng.normal(size=(b, 32, 32, 3)).astype(np.float32)
-  ids = np.zeros((b, l), np.int32)
-  mask = np.zeros((b, l), np.int32)
-  for i, n in enumerate([7, 5, 3, 2][:b]):
-    ids[i, :n] = rng.integers(4, 98, n)
-    ids[i, 0] = 1  # a [CLS]-like first token
-    mask[i, :n] = 1
-  return pixels, ids, mask
+def _batch(rng):
+  return testing_utils.blip_batch(rng, lengths=(7, 5, 3, 2))
 
 
 def _hf_logits(model, pixels, ids, mask):

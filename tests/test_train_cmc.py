@@ -10,6 +10,7 @@ from jsds_jax import cmc_candidates
 from jsds_jax import metric_writer
 from jsds_jax import train
 from jsds_jax import train_cmc
+from jsds_jax import trained_cmc
 from jsds_jax.data import feature_cache
 from jsds_jax.evaluation import rerank
 from jsds_jax.models.tail import jsds
@@ -162,14 +163,14 @@ def test_train_resume_and_rerank(tail, tmp_path, monkeypatch):
 
   # The trained CMC reranks the tail it was trained on ...
   tail_params = checkpoint.load_params(tail_dir)[0]
-  module, params, meta = train_cmc.load_cmc(str(tmp_path / "full"), tail_params)
+  module, params, meta = trained_cmc.load_cmc(str(tmp_path / "full"), tail_params)
   assert meta["mode"] == "cmc" and module.mlp_dim == 32
   # ... and refuses anything else, naming it.
   other = dict(tail_params, tau=np.asarray(0.5, np.float32))
   with pytest.raises(rerank.RerankError, match="trained on the tail"):
-    train_cmc.load_cmc(str(tmp_path / "full"), other)
+    trained_cmc.load_cmc(str(tmp_path / "full"), other)
   with pytest.raises(rerank.RerankError, match="not a CMC checkpoint"):
-    train_cmc.load_cmc(str(tail_dir), tail_params)
+    trained_cmc.load_cmc(str(tail_dir), tail_params)
   with pytest.raises(rerank.RerankError, match="same width|takes"):
     rerank.cmc_scores(module, params, np.zeros((2, 8), np.float32),
                       np.zeros((3, 8), np.float32), np.zeros((2, 2), np.int64))

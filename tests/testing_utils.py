@@ -160,3 +160,51 @@ def np_log_softmax(s):
   import numpy as np  # pylint: disable=g-import-not-at-top
   m = s.max(axis=1, keepdims=True)
   return s - m - np.log(np.exp(s - m).sum(axis=1, keepdims=True))
+
+
+def save_tiny_hf_blip(path: pathlib.Path):
+  """A random tiny Hugging Face `BlipForImageTextRetrieval` (eval mode), saved at `path`.
+
+  Vision width 24, text width 32 (so the ITM cross-attention's key/value shapes are checked),
+  2 layers each, 32 px images in 8 px patches, a 100-token vocabulary. The vision class and
+  position embeddings and the ITM head are redrawn at a larger scale (Hugging Face initialises
+  them near 0), so that a wrong input shows in the outputs.
+
+  Returns: the torch model.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.BlipConfig(
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4),
+      text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                       bos_token_id=98, pad_token_id=0, sep_token_id=3, eos_token_id=2),
+      image_text_hidden_size=16)
+  torch.manual_seed(0)
+  model = transformers.BlipForImageTextRetrieval(config).eval()
+  with torch.no_grad():
+    emb = model.vision_model.embeddings
+    emb.class_embedding.normal_(0, 0.5)
+    emb.position_embedding.normal_(0, 0.5)
+    model.itm_head.weight.normal_(0, 1.0)
+    model.itm_head.bias.normal_(0, 1.0)
+  model.save_pretrained(path)
+  return model
+
+
+def blip_batch(rng, lengths=(7, 5, 3, 2), seq_len: int = 7, image_size: int = 32):
+  """Random inputs for `save_tiny_hf_blip`'s model, one row per entry of `lengths`.
+
+  Returns: pixels (B, image_size, image_size, 3) float32; ids and mask (B, seq_len) int32, row i
+  holding lengths[i] tokens, the first a [CLS]-like 1, then zeros (padding).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  pixels = rng.normal(size=(len(lengths), image_size, image_size, 3)).astype(np.float32)
+  ids = np.zeros((len(lengths), seq_len), np.int32)
+  mask = np.zeros((len(lengths), seq_len), np.int32)
+  for i, n in enumerate(lengths):
+    ids[i, :n] = rng.integers(4, 98, n)
+    ids[i, 0] = 1
+    mask[i, :n] = 1
+  return pixels, ids, mask
