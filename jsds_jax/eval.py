@@ -244,7 +244,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   if backbone is None and any(k.endswith("_block") for k in params):
     from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
     backbone = backbones.load_backbone(config.backbone)
-  out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
+  out = tail_outputs.apply_tail(
+      params, cache, batch_size, backbone=backbone,
+      own_caption_terms=bool(config.model.get("own_caption_terms", False)))
   integrated = scores_lib.check_integrated(str(config.eval.integrated))
   scores = scores_lib.score_matrices(out, w1, w2, integrated)
   per_kind = scores_lib.retrieval(scores, cap_index)
