@@ -56,14 +56,15 @@ def _args(out: pathlib.Path, config: str, tag: str, overrides: list[str]):
                                init_tag=DENSE_TAG, jsds_init=True)
 
 
-def run_all(out: pathlib.Path, config: str, factors, seeds, modes) -> None:
+def run_all(out: pathlib.Path, config: str, factors, seeds, modes,
+            extra: list[str] = ()) -> None:
   common = ["cmc.in_main_job=False"]
   for seed in seeds:  # dense_only first: every other run starts from it
     demo_quality.run_one(_args(out, config, DENSE_TAG, common), "dense_only", seed)
   eta_t, eta_i = base_etas(config)
   for factor in factors:
-    over = common + [f"train.loss.eta_text={eta_t * factor:g}",
-                     f"train.loss.eta_image={eta_i * factor:g}"]
+    over = common + list(extra) + [f"train.loss.eta_text={eta_t * factor:g}",
+                                   f"train.loss.eta_image={eta_i * factor:g}"]
     for mode in modes:
       for seed in seeds:
         demo_quality.run_one(_args(out, config, eta_tag(factor), over), mode, seed)
@@ -159,6 +160,9 @@ def main():
                  "eta_image)")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--override", action="append", default=[],
+                 help="extra config override of the jsds / d2s runs (not dense_only), without "
+                      "the --config. prefix (repeatable); keep --out apart per set")
   p.add_argument("--aggregate_only", action="store_true")
   args = p.parse_args()
   out = args.out.expanduser().absolute()
@@ -168,7 +172,7 @@ def main():
   if not factors or not seeds or any(m not in MODES for m in modes):
     raise SystemExit(f"--etas and --seeds need values and --modes is a subset of {MODES}")
   if not args.aggregate_only:
-    run_all(out, args.config, factors, seeds, modes)
+    run_all(out, args.config, factors, seeds, modes, args.override)
   data = collect(out, factors, seeds, modes)
   out.mkdir(parents=True, exist_ok=True)
   md = table(data)
