@@ -34,6 +34,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import demo_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DENSE_TAG = "dense"
+# The dense_only runs as the main job's dense stage trains them (`protocol.dense_stage_config`):
+# no PEC and no term-level losses, which act on sparse vectors.
+DENSE_OVERRIDES = ["train.pec=False", "train.pec_images=False", "train.loss.bow_image=0.0",
+                   "train.loss.bow_text=0.0", "train.loss.df_weight=0.0"]
 MODES = ("jsds", "d2s")
 
 
@@ -60,7 +64,8 @@ def run_all(out: pathlib.Path, config: str, factors, seeds, modes,
             extra: list[str] = ()) -> None:
   common = ["cmc.in_main_job=False"]
   for seed in seeds:  # dense_only first: every other run starts from it
-    demo_quality.run_one(_args(out, config, DENSE_TAG, common), "dense_only", seed)
+    demo_quality.run_one(_args(out, config, DENSE_TAG, common + DENSE_OVERRIDES), "dense_only",
+                         seed)
   eta_t, eta_i = base_etas(config)
   for factor in factors:
     over = common + list(extra) + [f"train.loss.eta_text={eta_t * factor:g}",
