@@ -130,9 +130,10 @@ def lexical_rows(out: pathlib.Path, tag: str, mode: str, seeds) -> dict | None:
   """Mean ± std over the seeds of a sparse mode's lexical metrics (test split), or None.
 
   Returns:
-    {"seeds", "self_grounding", "image_grounding", "max_top_term_share" (each a list over the
-    seeds, in [0, 1]), "top_terms" (the first seed's most common top terms), "nnz_text",
-    "nnz_image", "sparse_t2i_r1", "dense_t2i_r1", "flops"}.
+    {"seeds", "self_grounding", "image_grounding", "max_top_term_share", "max_share_text",
+    "max_share_image" (each a list over the seeds, in [0, 1]), "top_text" / "top_image" (the
+    first seed's most common top terms among the captions / images: [term, share, share whose
+    caption holds it]), "nnz_text", "nnz_image", "sparse_t2i_r1", "dense_t2i_r1", "flops"}.
   """
   res = []
   for seed in seeds:
@@ -148,7 +149,10 @@ def lexical_rows(out: pathlib.Path, tag: str, mode: str, seeds) -> dict | None:
           "self_grounding": [x["caption_self_grounding"] for x in lex],
           "image_grounding": [x["image_grounding"] for x in lex],
           "max_top_term_share": [x["max_top_term_share"] for x in lex],
-          "top_terms": lex[0].get("top_terms", [])[:3],
+          "max_share_text": [x.get("max_top_term_share_text", float("nan")) for x in lex],
+          "max_share_image": [x.get("max_top_term_share_image", float("nan")) for x in lex],
+          "top_text": lex[0].get("top_terms_text", [])[:2],
+          "top_image": lex[0].get("top_terms_image", [])[:2],
           "nnz_text": [r["nnz_text"] for r in res], "nnz_image": [r["nnz_image"] for r in res],
           "sparse_t2i_r1": [r["sparse"]["t2i"]["R@1"] for r in res],
           "dense_t2i_r1": [r["dense"]["t2i"]["R@1"] for r in res],
@@ -158,8 +162,9 @@ def lexical_rows(out: pathlib.Path, tag: str, mode: str, seeds) -> dict | None:
 def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
   """Markdown: sparse / dense t2i R@1, non-zeros, grounding and the most common top term."""
   head = ("| mode | t2i R@1 sparse | t2i R@1 dense | nnz image / caption | caption "
-          "self-grounding@10 | image grounding@10 | most common top term's share | top terms "
-          "(first seed) | seeds |")
+          "self-grounding@10 | image grounding@10 | top term's share captions / images | "
+          "top terms of captions; of images (first seed; share, in brackets the share whose "
+          "caption holds the word) | seeds |")
   rows = [head, "|" + "---|" * 9]
   pct = lambda v: _fmt([100 * x for x in v], 0) + "%"
   for mode in modes:
@@ -168,11 +173,13 @@ def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
     r = lexical_rows(out, tag, mode, seeds)
     if r is None:
       continue
-    terms = ", ".join(f"`{t}` {100 * s:.0f}%" for t, s in r["top_terms"])
+    terms = "; ".join(", ".join(f"`{t}` {100 * s:.0f}% ({100 * n:.0f}%)" for t, s, n in side)
+                      for side in (r["top_text"], r["top_image"]))
     rows.append(f"| {mode} | {_fmt(r['sparse_t2i_r1'])} | {_fmt(r['dense_t2i_r1'])} | "
                 f"{_fmt(r['nnz_image'], 0)} / {_fmt(r['nnz_text'], 0)} | "
                 f"{pct(r['self_grounding'])} | {pct(r['image_grounding'])} | "
-                f"{pct(r['max_top_term_share'])} | {terms} | {r['seeds']} |")
+                f"{pct(r['max_share_text'])} / {pct(r['max_share_image'])} | {terms} | "
+                f"{r['seeds']} |")
   return "\n".join(rows) if len(rows) > 2 else ""
 
 
