@@ -140,16 +140,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss.official_scale = False
   c.train.loss.tau_teacher = 1e-3        # d2s: temperature of the frozen dense teacher
   # Term-level losses that tie the sparse terms to words (jsds / d2s; jsds_jax/term_losses.py),
-  # both added to the total with R's factor ½; 0 = off. bow_*: KL from each vector's L1-share
-  # of mass to the bag of its caption's content wordpieces (an image: its paired caption's).
+  # both added to the total with R's factor ½; 0 = off. bow_*: KL(q ‖ softmax(head logits)),
+  # q the bag of the caption's content wordpieces (an image: its paired caption's).
   c.train.loss.bow_image = 0.0
   c.train.loss.bow_text = 0.0
+  # q weighted by each word's idf over the training captions, log((1+N)/(1+df)), instead of
+  # uniform: a caption's rare words take more of the target than its common ones.
+  c.train.loss.bow_idf = False
   # df_weight(t) * Σ_v relu(df_v - df_max), df_v = mean over a batch's images (and, apart, its
   # captions) of tanh(z_v / df_scale): penalises terms that fire in more than df_max of a batch;
   # df_weight(t) warms up as eta does (reg_warmup_fraction).
   c.train.loss.df_weight = 0.0
   c.train.loss.df_max = 0.1
   c.train.loss.df_scale = 1.0
+  c.train.loss.df_sides = "both"         # the vectors penalised: "both", "image" or "text"
   # PEC, probabilistic expansion control (jsds / d2s; DESIGN.md §3): with probability p(t), one
   # draw per step, every caption's sparse vector is masked to its own tokens' vocabulary
   # entries; p falls linearly from 1 at step 0 to 0 at `pec_fraction` of the steps. Needs the
@@ -249,6 +253,10 @@ def base_config() -> ml_collections.ConfigDict:
   # tokens and [unused*], standard in learned sparse retrieval), "special_punct" (+ punctuation),
   # "special_punct_stop" (+ English stopwords).
   c.model.vocab_mask = "special"
+  # Captions' sparse vectors restricted to their own tokens, at train and eval time (and for
+  # search queries): no expansion, as an "inference-free" query encoder in learned sparse
+  # retrieval; a content word a caption weights is then always one of its own (jsds / d2s).
+  c.model.own_caption_terms = False
 
   # Evaluation (validation during training and the eval binary).
   c.eval = ml_collections.ConfigDict()

@@ -233,7 +233,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Mapping[str, Any],
                                   need_backbone=html_report or write_index)
   w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
   cap_index = np.asarray(cache["caption_image_index"])
-  out = tail_outputs.apply_tail(params, cache, batch_size, backbone=backbone)
+  out = tail_outputs.apply_tail(
+      params, cache, batch_size, backbone=backbone,
+      own_caption_terms=bool(config.model.get("own_caption_terms", False)))
   integrated = scores_lib.check_integrated(str(config.eval.integrated))
   scores = scores_lib.score_matrices(out, w1, w2, integrated)
   notes = [n for n in [metrics.small_split_note(int(out.e_i.shape[0]))] if n]

@@ -41,6 +41,25 @@ def token_mask(token_ids: jax.Array, vocab_size: int) -> jax.Array:
   return jnp.zeros((b, vocab_size), bool).at[rows, cols].set(True, mode="drop")
 
 
+def own_terms(z_t: jax.Array, token_ids: jax.Array) -> jax.Array:
+  """Each caption's vector restricted to its own tokens' vocabulary entries, always (config
+  `model.own_caption_terms`: "inference-free" captions, no expansion at train or eval time).
+
+  Learned sparse retrieval's inference-free query encoders weight only the query's own tokens;
+  here the caption (the query of t2i, a document of i2t) may then only weight words it
+  contains, so any content word it weights is one of its own.
+
+  Args:
+    z_t: (B, V) caption term weights.
+    token_ids: (B, L) the captions' token ids, -1 at padding.
+
+  Returns:
+    (B, V) z_t with every entry outside the caption's tokens set to 0.
+  """
+  keep = token_mask(token_ids, z_t.shape[-1])
+  return jnp.where(keep, z_t, jnp.zeros((), z_t.dtype))
+
+
 def mask_captions(z_t: jax.Array, token_ids: jax.Array, rng: jax.Array,
                   prob: jax.Array) -> tuple[jax.Array, jax.Array]:
   """With probability `prob`, z_t restricted to each caption's own tokens; else z_t.

@@ -35,6 +35,7 @@ import numpy as np
 
 from jsds_jax import cli
 from jsds_jax import explain
+from jsds_jax import pec
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
 from jsds_jax.index import bundle
@@ -117,14 +118,19 @@ class Searcher:
       tower = tower.clone(dtype=jnp.dtype(dtype))
     module = self.module
 
+    own_terms = bool(self.config.get("model", {}).get("own_caption_terms", False))
+
     def encode(tv, p, ids, mask, cached_ids):
       out = tower.apply(tv, ids, mask)
       if module.text_block is None:
-        return module.apply({"params": p}, out.pooled.astype(jnp.float32),
+        e, z = module.apply({"params": p}, out.pooled.astype(jnp.float32),
                             method=module.encode_text)
-      # The trained last block reads the states entering it, as the cache stored them (bf16).
-      states = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
-      return module.apply({"params": p}, states, cached_ids, method=module.encode_text)
+      else:
+        # The trained last block reads the states entering it, as the cache stored them (bf16).
+        states = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
+        e, z = module.apply({"params": p}, states, cached_ids, method=module.encode_text)
+      # model.own_caption_terms: a query weights only its own tokens, as captions did.
+      return e, (pec.own_terms(z, cached_ids) if own_terms else z)
 
     self._encode = jax.jit(encode)
     self.cmc = None

@@ -153,8 +153,31 @@ def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, ki
   return np.concatenate(es), sp.vstack(zs, format="csr")
 
 
+def own_terms_csr(z: sp.csr_matrix, token_ids: np.ndarray) -> sp.csr_matrix:
+  """`pec.own_terms` on the host: row r of z keeps only the entries of row r's token ids.
+
+  Args:
+    z: (N, V) CSR caption term weights.
+    token_ids: (N, L) int token ids, -1 at padding.
+
+  Returns:
+    (N, V) float32 CSR, explicit zeros removed.
+  """
+  token_ids = np.asarray(token_ids)
+  if token_ids.shape[0] != z.shape[0]:
+    raise ValueError(f"{token_ids.shape[0]} rows of token ids for {z.shape[0]} vectors")
+  rows, cols = np.nonzero(token_ids >= 0)
+  keep = sp.csr_matrix((np.ones(rows.shape[0], np.float32), (rows, token_ids[rows, cols])),
+                       shape=z.shape)
+  keep.data[:] = 1.0  # a token repeated in a caption was summed
+  out = sp.csr_matrix(z.multiply(keep), dtype=np.float32)
+  out.eliminate_zeros()
+  return out
+
+
 def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
-               batch_size: int = 1024, backbone: Any = None) -> TailOutputs:
+               batch_size: int = 1024, backbone: Any = None,
+               own_caption_terms: bool = False) -> TailOutputs:
   """Every image's and caption's (e, z) for one split's feature cache.
 
   Args:
@@ -162,11 +185,21 @@ def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
     cache: `feature_cache.load_split(...)` of the split.
     batch_size: rows per device call.
     backbone: the loaded backbone; needed only for params with last blocks.
+    own_caption_terms: each caption's vector restricted to its own tokens
+      (`model.own_caption_terms`; needs the cache's caption token ids).
+
+  Raises:
+    CacheError: own_caption_terms and the cache has no caption token ids.
   """
   module = tail_module_for(params, backbone)
   inputs = split_inputs(module, cache)
   e_i, z_i = encode_features(module, params, inputs["image"][0], "image", batch_size)
   e_t, z_t = encode_features(module, params, inputs["text"][0], "text", batch_size,
                              token_ids=inputs["text"][1])
+  if own_caption_terms:
+    if feature_cache.TOKEN_IDS not in cache:
+      raise feature_cache.CacheError("the feature cache has no caption token ids, which "
+                                     "model.own_caption_terms needs (run encode)")
+    z_t = own_terms_csr(z_t, cache[feature_cache.TOKEN_IDS])
   tau = float(jsds.clamp_tau(jnp.asarray(params["tau"]), module.tau_min, module.tau_max))
   return TailOutputs(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=tau)

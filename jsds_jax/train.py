@@ -51,6 +51,7 @@ from jsds_jax import encode
 from jsds_jax import metric_writer
 from jsds_jax import optim
 from jsds_jax import sharding
+from jsds_jax import term_losses
 from jsds_jax import train_data
 from jsds_jax import train_step
 from jsds_jax import vocab_mask
@@ -283,7 +284,8 @@ def setup(config: ml_collections.ConfigDict,
   data = train_data.TrainData(dirs["train"], train_cache, mesh, seed=config.seed,
                               batch_size=tc.batch_size, layout=layout,
                               token_ids=(bool(tc.pec) or "text" in blocks
-                                         or bool(tc.loss.bow_image or tc.loss.bow_text)),
+                                         or bool(tc.loss.bow_image or tc.loss.bow_text)
+                                         or own_caption_terms(config)),
                               stream_sides=tuple(blocks), dtype=tc.features_dtype)
   total_steps = tc.num_epochs * data.steps_per_epoch
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -306,7 +308,13 @@ def setup(config: ml_collections.ConfigDict,
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
   # Bag-of-words targets hold content wordpieces only (not special, punctuation, stopwords).
   bow_terms = None if vocab is None else lexical.term_classes(vocab)["content"]
-  step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh, bow_terms=bow_terms)
+  bow_weights = None
+  if tc.loss.get("bow_idf", False):  # idf over the training captions
+    bow_weights = term_losses.idf_weights(
+        jnp.asarray(np.asarray(train_cache[feature_cache.TOKEN_IDS])), module.vocab_size)
+  step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh, bow_terms=bow_terms,
+                                       bow_weights=bow_weights,
+                                       own_caption_terms=own_caption_terms(config))
   return Setup(module, state, data, step_fn, metadata, total_steps, dirs, vocab)
 
 
@@ -347,7 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Validation runs on this process's devices (each process gets the same numbers).
     evaluator = validation.Evaluator(run.module, run.dirs[tc.val_split],
                                      sharding.local_data_mesh(), tc.loss.w1, tc.loss.w2,
-                                     integrated=config.eval.integrated, vocab=run.vocab)
+                                     integrated=config.eval.integrated, vocab=run.vocab,
+                                     own_caption_terms=own_caption_terms(config))
     loop = _Loop(tc, run, ckpt, evaluator, progress, metric_writer.MetricWriter(workdir, start),
                  start)
     status, done = progress.status, start
@@ -447,6 +456,11 @@ def _params_from(path: str, like: Any, metadata: Mapping[str, Any]) -> Any:
                                      "this run's tail")
   logging.info("starting from the params of %s", checkpoint.resolve_step_dir(path))
   return jax.tree.map(jnp.asarray, params)
+
+
+def own_caption_terms(config: ml_collections.ConfigDict) -> bool:
+  """`model.own_caption_terms` (False in configs written before it)."""
+  return bool(config.model.get("own_caption_terms", False))
 
 
 def within_budget(val: Mapping[str, Any], tc: ml_collections.ConfigDict) -> bool:

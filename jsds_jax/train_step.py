@@ -75,6 +75,10 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
   return state
 
 
+# Which vectors the document-frequency penalty sees (`train.loss.df_sides`).
+DF_SIDES = ("both", "image", "text")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
   """The loss's static settings (`train.mode` and `train.loss` of the config)."""
@@ -96,6 +100,7 @@ class LossSettings:
   df_weight: float = 0.0
   df_max: float = 0.1
   df_scale: float = 1.0
+  df_sides: str = "both"
   total_steps: int = 1
 
   def __post_init__(self):
@@ -104,6 +109,8 @@ class LossSettings:
     if self.mode == "dense_only" and (self.bow_image or self.bow_text or self.df_weight):
       raise ValueError("train.loss.bow_image / bow_text / df_weight act on sparse vectors: they "
                        "need train.mode 'jsds' or 'd2s', not 'dense_only'")
+    if self.df_sides not in DF_SIDES:
+      raise ValueError(f"train.loss.df_sides must be one of {DF_SIDES}, got {self.df_sides!r}")
 
   @property
   def uses_bow(self) -> bool:
@@ -158,13 +165,16 @@ _ENCODERS_WITH_LOGITS = {"jsds": _encode_with_logits,
 
 def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
               bow_terms: jax.Array | None, step: jax.Array,
-              settings: LossSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+              settings: LossSettings, bow_weights: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The term-level losses (`jsds_jax.term_losses`), weighted, with R's factor ½:
 
     ½·(bow_image·KL(q ‖ softmax(l_i)) + bow_text·KL(q ‖ softmax(l_t)))
       + ½·df_weight(t)·½(DF(z_i) + DF(z_t))
 
-  q is each caption's bag of content words; image k's target is caption k's. df_weight(t)
+  (with `df_sides` "image" or "text" the penalty is DF of that side alone, not halved).
+  q is each caption's bag of content words (weighted by `bow_weights` when given, e.g. idf);
+  image k's target is caption k's. df_weight(t)
   warms up as η(t) does (`losses.reg_weight`, `reg_warmup_fraction`): at the start of a run
   from a dense model thousands of terms fire in every vector, and the full penalty then
   emptied the image vectors (measured on the demo, README "Lexical levers").
@@ -176,6 +186,8 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
     bow_terms: (V,) bool, the terms a bag-of-words target may hold, or None (every token).
     step: () optimizer steps taken (the penalty's warm-up).
     settings: the loss settings.
+    bow_weights: (V,) float, each term's weight in a target (`term_losses.idf_weights`), or
+      None (uniform over the caption's terms).
 
   Returns:
     (() float, metrics: bow_image_kl / bow_text_kl / df_penalty (unweighted) and df_weight
@@ -186,15 +198,15 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
   metrics = {}
   z_i, z_t = out["z_i"], out["z_t"]
   if s.uses_bow:
-    q = term_losses.bow_targets(token_ids, bow_terms, z_t.shape[-1])
+    q = term_losses.bow_targets(token_ids, bow_terms, z_t.shape[-1], bow_weights)
     for name, weight, key in (("image", s.bow_image, "l_i"), ("text", s.bow_text, "l_t")):
       if weight:
         kl = term_losses.bow_loss(out[key], q, bow_terms)
         metrics[f"bow_{name}_kl"] = kl
         total = total + 0.5 * weight * kl
   if s.df_weight:
-    df = 0.5 * (term_losses.df_penalty(z_i, s.df_max, s.df_scale)
-                + term_losses.df_penalty(z_t, s.df_max, s.df_scale))
+    sides = {"both": (z_i, z_t), "image": (z_i,), "text": (z_t,)}[s.df_sides]
+    df = sum(term_losses.df_penalty(z, s.df_max, s.df_scale) for z in sides) / len(sides)
     weight = losses.reg_weight(step, s.total_steps, s.df_weight, s.reg_warmup_fraction)
     metrics.update(df_penalty=df, df_weight=weight)
     total = total + 0.5 * weight * df
@@ -203,7 +215,7 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
 
 def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax.Array,
                       settings: LossSettings, token_ids: jax.Array | None = None,
-                      bow_terms: jax.Array | None = None
+                      bow_terms: jax.Array | None = None, bow_weights: jax.Array | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The mode's loss of a (global) batch, plus the term-level losses that are on
   (`term_loss`).
@@ -217,6 +229,7 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
     settings: the loss settings.
     token_ids: (B, L) the captions' token ids (-1 at padding), for a bag-of-words target.
     bow_terms: (V,) bool, the terms such a target may hold (None: every token).
+    bow_weights: (V,) float, the terms' weights in a target (None: uniform; `term_loss`).
 
   Returns:
     (loss (), metrics); metrics["total"] includes the term-level losses.
@@ -226,7 +239,7 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
     return loss, metrics
   if settings.uses_bow and token_ids is None:
     raise ValueError("train.loss.bow_image / bow_text need the captions' token ids")
-  extra, extra_metrics = term_loss(out, token_ids, bow_terms, step, settings)
+  extra, extra_metrics = term_loss(out, token_ids, bow_terms, step, settings, bow_weights)
   loss = loss + extra
   return loss, dict(metrics, **extra_metrics, total=loss)
 
@@ -265,7 +278,8 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
                     train: ml_collections.ConfigDict, total_steps: int,
                     mesh: jax.sharding.Mesh,
                     compiler_options: dict[str, Any] | None = None,
-                    bow_terms: Any = None,
+                    bow_terms: Any = None, bow_weights: Any = None,
+                    own_caption_terms: bool = False,
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """The jitted, sharded train step.
 
@@ -279,6 +293,11 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     bow_terms: (V,) bool, the terms a bag-of-words target may hold (the vocabulary's content
       wordpieces, `lexical.term_classes(vocab)["content"]`); None = every token. Only used
       with `train.loss.bow_image` / `bow_text`.
+    bow_weights: (V,) float, the terms' weights in a bag-of-words target
+      (`term_losses.idf_weights` of the training captions with `train.loss.bow_idf`); None =
+      uniform.
+    own_caption_terms: every caption's vector restricted to its own tokens at every step
+      (`model.own_caption_terms`, `pec.own_terms`; jsds / d2s).
 
   Returns:
     step(state, features, order, step_in_epoch) -> (state, metrics), where `state` is a
@@ -306,8 +325,13 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   if use_pec and settings.mode == "dense_only":
     raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
                      "not 'dense_only'")
-  needs_ids = use_pec or module.text_block is not None or settings.uses_bow
+  if own_caption_terms and settings.mode == "dense_only":
+    raise ValueError("model.own_caption_terms restricts sparse vectors: it needs train.mode "
+                     "'jsds' or 'd2s', not 'dense_only'")
+  needs_ids = (use_pec or module.text_block is not None or settings.uses_bow
+               or own_caption_terms)
   bow_terms = None if bow_terms is None else jnp.asarray(bow_terms, bool)
+  bow_weights = None if bow_weights is None else jnp.asarray(bow_weights, jnp.float32)
   # On a one-device mesh every collective is an identity, yet XLA still runs each as a copy
   # (on a 2-core CPU the two (B, V) all-gathers, their reduce-scatters and the gradient
   # all-reduce took ~50 of ~650 ms per step): there the step calls none of them, and
@@ -340,6 +364,8 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       out = module.apply({"params": params}, h_img, h_txt, token_ids, method=encode,
                          rngs={"dropout": step_rng})
       extra = {}
+      if own_caption_terms:  # before the all-gather: each device's own captions
+        out["z_t"] = pec.own_terms(out["z_t"], token_ids)
       if use_pec:  # before the all-gather: each device masks its own captions
         pec_rng = jax.random.fold_in(step_rng, _PEC_STREAM)
         if train.pec_images:  # images too, to their own caption's tokens (STAIR-like)
@@ -351,7 +377,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
       all_ids = gather(token_ids) if settings.uses_bow else None
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings, all_ids,
-                                        bow_terms)
+                                        bow_terms, bow_weights)
       metrics = dict(metrics, loss=loss, tau=out["tau"], **extra)
       if "z_i" in out:
         metrics.update(nnz_image=_mean_nnz(out["z_i"]), nnz_text=_mean_nnz(out["z_t"]))

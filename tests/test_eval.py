@@ -118,6 +118,26 @@ def test_validation_metrics_equal_the_eval_report(setup):
   flat = validation.flatten_metrics(val)
   assert flat["sparse/t2i/R@1"] == report["t2i"]["sparse"]["R@1"]
   assert flat["sparsity/caption_nnz"] == pytest.approx(report["sparsity"]["caption_nnz"])
+def test_own_caption_terms_in_validation_equal_the_host_restriction(setup):
+  """model.own_caption_terms: validation (on the mesh) and apply_tail (eval, on the host)
+  restrict the captions alike, and the captions get sparser."""
+  params = setup["params"]
+  cache = feature_cache.load_split(setup["split_dir"])
+  full = tail_outputs.apply_tail(params, cache)
+  own = tail_outputs.apply_tail(params, cache, own_caption_terms=True)
+  ids = np.asarray(cache[feature_cache.TOKEN_IDS])
+  for r in range(own.z_t.shape[0]):
+    assert set(own.z_t[r].indices) <= set(ids[r][ids[r] >= 0])
+  assert own.z_t.nnz < full.z_t.nnz
+  assert (own.z_i != full.z_i).nnz == 0  # images untouched
+  val = validation.Evaluator(tail_outputs.tail_module_for(params), setup["split_dir"],
+                             own_caption_terms=True)(params)
+  assert val["sparsity"]["caption_nnz"] == pytest.approx(metrics.mean_nnz(own.z_t.toarray()))
+  s_s = (own.z_t @ own.z_i.T).toarray()
+  want = metrics.retrieval_metrics(s_s, np.asarray(cache["caption_image_index"]))
+  assert val["sparse"]["t2i"]["R@1"] == pytest.approx(want["t2i"]["R@1"], abs=1e-6)
+
+
 def test_lexical_section_equals_recomputation(setup):
   from jsds_jax import explain  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import lexical  # pylint: disable=g-import-not-at-top

@@ -70,8 +70,20 @@ def test_grounding_and_junk_mass():
   # "cat" is in the top 2 of caption 0 and image 1, every other term of one vector.
   assert m["max_top_term_share"] == pytest.approx(0.5)
   assert [t for t, _ in m["top_terms"]][:3] == ["cat", "[CLS]", "."]
+  # Per side: "cat" tops 1 of 2 captions (and caption 0 holds it: natural share 1/2); among
+  # the images "the" and "dog" (image 0) and "cat" (image 1) each top 1 of 2; image 0's
+  # captions hold "dog", image 1 has no caption.
+  assert m["max_top_term_share_text"] == pytest.approx(0.5)
+  assert m["max_top_term_share_image"] == pytest.approx(0.5)
+  text_terms = {t: (s, n) for t, s, n in m["top_terms_text"]}
+  assert text_terms["cat"] == (pytest.approx(0.5), pytest.approx(0.5))
+  assert text_terms["sun"] == (pytest.approx(0.5), pytest.approx(0.0))
+  image_terms = {t: (s, n) for t, s, n in m["top_terms_image"]}
+  assert image_terms["dog"] == (pytest.approx(0.5), pytest.approx(0.5))
+  assert image_terms["cat"] == (pytest.approx(0.5), pytest.approx(0.5))  # caption 0 has "cat"
   lines = "\n".join(lexical.render_markdown(m))
   assert "`cat` 50.0%" in lines and "`[CLS]` 25.0%" in lines
+  assert "`sun` 50.0% (0.0%)" in lines
 
 
 def test_top_term_shares_count_each_row_once():

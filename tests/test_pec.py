@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from jsds_jax import config_base
 from jsds_jax import encode
 from jsds_jax import input_pipeline
 from jsds_jax import optim
 from jsds_jax import pec
+from jsds_jax import tail_outputs
 from jsds_jax import train
 from jsds_jax import train_step
 from jsds_jax.data import feature_cache
@@ -160,6 +162,46 @@ def test_sharded_features_carry_each_shards_token_ids(setup):
   for d in range(4):
     real = layout.captions[d] >= 0
     np.testing.assert_array_equal(blocks[d][real], data["ids"][layout.captions[d][real]])
+
+
+def test_own_terms_keeps_only_each_captions_tokens_on_device_and_host():
+  z = jnp.arange(1, 13, dtype=jnp.float32).reshape(2, 6)
+  ids = jnp.asarray([[4, 1, 4, -1], [0, -1, -1, -1]])
+  want = np.zeros((2, 6), np.float32)
+  want[0, [1, 4]] = [2, 5]
+  want[1, 0] = 7
+  np.testing.assert_array_equal(pec.own_terms(z, ids), want)
+  # The eval's CSR version: same rows, the repeated token 4 not doubled, no explicit zeros.
+  host = tail_outputs.own_terms_csr(sp.csr_matrix(np.asarray(z)), np.asarray(ids))
+  np.testing.assert_array_equal(host.toarray(), want)
+  assert host.nnz == 3
+  with pytest.raises(ValueError, match="3 rows of token ids for 2 vectors"):
+    tail_outputs.own_terms_csr(sp.csr_matrix(np.asarray(z)), np.zeros((3, 4), int))
+
+
+def test_own_caption_terms_restrict_every_step_and_keep_images(setup):
+  data, module, params = setup
+  tc = _train_config(use_pec=False)
+  _, history, order = testing_utils.run_train_steps(data, module, params, tc, 1, 3, B, _FAST,
+                                                    own_caption_terms=True)
+  caps = order[0]
+  image_idx = data["cap_img"][caps]
+  out = module.apply({"params": params}, data["image"][image_idx], data["text"][caps])
+  z_t = pec.own_terms(out["z_t"], jnp.asarray(data["ids"][caps]))
+  settings = train_step.LossSettings.from_config(tc, 3)
+  want, _ = train_step.loss_from_outputs(dict(out, z_t=z_t), jnp.asarray(image_idx),
+                                         jnp.int32(0), settings)
+  np.testing.assert_allclose(history[0]["loss"], want, rtol=1e-5)
+  _, plain, _ = _run(setup, 1, steps=3, use_pec=False)
+  for h, p in zip(history, plain):  # every step, not only while PEC's p(t) > 0
+    distinct = max(len(set(r[r >= 0])) for r in data["ids"][caps])
+    assert h["nnz_text"] <= distinct < p["nnz_text"]
+  assert history[0]["nnz_image"] == plain[0]["nnz_image"]
+  with pytest.raises(ValueError, match="own_caption_terms .*dense_only"):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    dense = _train_config(mode="dense_only", use_pec=False)
+    train_step.make_train_step(module, optim.make_optimizer(dense, 1), dense, 1, mesh,
+                               own_caption_terms=True)
 
 
 def test_pec_needs_a_sparse_mode():

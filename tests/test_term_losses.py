@@ -31,6 +31,27 @@ def test_bow_targets_are_uniform_over_each_captions_distinct_allowed_terms():
   assert q_all[0].sum() == pytest.approx(1.0) and q_all[1, 1] == 1.0
 
 
+def test_bow_targets_follow_term_weights_and_idf_weighs_common_words_less():
+  ids = jnp.asarray([[3, 5, 1, -1],
+                     [3, 6, -1, -1],
+                     [3, 3, 2, -1]])
+  idf = np.asarray(term_losses.idf_weights(ids, 8))
+  # df: 3 in all three captions, 5/6/1/2 in one, the rest in none; idf = log((1+N)/(1+df)).
+  np.testing.assert_allclose(idf[[3, 5, 0]], np.log([4 / 4, 4 / 2, 4 / 1]), rtol=1e-6)
+  allowed = np.ones(8, bool)
+  allowed[1] = False
+  q = np.asarray(term_losses.bow_targets(ids, allowed, 8, idf))
+  # Row 0: 3 weighs 0 (in every caption), 5 takes the whole target; row 2 likewise for 2.
+  np.testing.assert_allclose(q[0], np.eye(8)[5], atol=1e-7)
+  np.testing.assert_allclose(q[2], np.eye(8)[2], atol=1e-7)
+  w = np.arange(8, dtype=np.float32)
+  q_w = np.asarray(term_losses.bow_targets(ids, allowed, 8, w))
+  np.testing.assert_allclose(q_w[1, [3, 6]], [3 / 9, 6 / 9], rtol=1e-6)
+  # A caption whose terms all weigh 0 has no target (all zero, no NaN).
+  q_0 = np.asarray(term_losses.bow_targets(ids[2:], allowed, 8, np.zeros(8)))
+  assert np.all(q_0 == 0)
+
+
 def _logits_for(p):
   """Logits whose softmax is p (p > 0 where finite, -inf where p = 0)."""
   p = np.asarray(p, np.float64)
@@ -171,6 +192,39 @@ def test_step_loss_adds_the_weighted_term_losses(setup, mode):
   np.testing.assert_allclose(history[0]["total"], want, rtol=1e-5)
   np.testing.assert_allclose(history[0]["bow_image_kl"], kl_i, rtol=1e-5)
   np.testing.assert_allclose(history[0]["df_penalty"], df, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_df_penalty_on_one_side_only(setup, side):
+  data, module, params, allowed = setup
+  _, history, order = _run(setup, 1, 1, df_weight=2.0, df_max=0.05, df_sides=side)
+  caps = order[0]
+  out = module.apply({"params": params}, data["image"][caps], data["text"][caps])
+  df = term_losses.df_penalty(out["z_i" if side == "image" else "z_t"], 0.05, 1.0)
+  np.testing.assert_allclose(history[0]["df_penalty"], df, rtol=1e-5)
+  both = 0.5 * (term_losses.df_penalty(out["z_i"], 0.05, 1.0)
+                + term_losses.df_penalty(out["z_t"], 0.05, 1.0))
+  assert abs(float(df) - float(both)) > 1e-3  # the batch tells the sides apart
+  with pytest.raises(ValueError, match="df_sides must be one of"):
+    train_step.LossSettings.from_config(_train_config(df_sides="images"), 1)
+
+
+def test_step_uses_the_given_bow_weights(setup):
+  data, module, params, allowed = setup
+  weights = np.linspace(0.0, 2.0, V).astype(np.float32)
+  _, history, order = testing_utils.run_train_steps(
+      data, module, params, _train_config(bow_image=1.0), 1, 1, B, _FAST, bow_terms=allowed,
+      bow_weights=weights)
+  caps = order[0]
+  out = module.apply({"params": params}, data["image"][caps], data["text"][caps])
+  logits = module.apply({"params": params}, out["e_i"], out["e_t"],
+                        method=module.sparse_terms_and_logits)
+  ids = jnp.asarray(data["ids"][caps])
+  kl_w = term_losses.bow_loss(logits["l_i"], term_losses.bow_targets(ids, allowed, V, weights),
+                              allowed)
+  kl_u = term_losses.bow_loss(logits["l_i"], term_losses.bow_targets(ids, allowed, V), allowed)
+  np.testing.assert_allclose(history[0]["bow_image_kl"], kl_w, rtol=1e-5)
+  assert abs(float(kl_w) - float(kl_u)) > 1e-3
 
 
 def test_four_devices_train_like_one_with_term_losses(setup):
