@@ -274,6 +274,64 @@ def _mean_nnz(z: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32))
 
 
+def _check_caption_masks(train: ml_collections.ConfigDict, mode: str,
+                         own_caption_terms: bool) -> None:
+  """PEC and own-caption-terms act on sparse vectors; PEC on images needs PEC.
+
+  Raises:
+    ValueError: naming the field and what it needs.
+  """
+  if train.pec_images and not train.pec:
+    raise ValueError("train.pec_images masks images on the steps PEC masks captions: it needs "
+                     "train.pec=True")
+  if train.pec and mode == "dense_only":
+    raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
+                     "not 'dense_only'")
+  if own_caption_terms and mode == "dense_only":
+    raise ValueError("model.own_caption_terms restricts sparse vectors: it needs train.mode "
+                     "'jsds' or 'd2s', not 'dense_only'")
+
+
+def _collectives(mesh: jax.sharding.Mesh) -> tuple[bool, Callable, Callable, Callable]:
+  """(single_device, gather, to_varying, mean) for the step's shard_map over 'data'.
+
+  On a one-device mesh every collective is an identity, yet XLA still runs each as a copy (on
+  a 2-core CPU the two (B, V) all-gathers, their reduce-scatters and the gradient all-reduce
+  took ~50 of ~650 ms per step): there the step calls none of them, and shard_map's
+  replication check, which needs them to type the outputs, is off.
+  """
+  if mesh.shape[AXIS] == 1:
+    identity = lambda x: x
+    return True, identity, identity, identity
+  return (False, lambda x: jax.lax.all_gather(x, AXIS, tiled=True),
+          lambda x: jax.lax.pcast(x, AXIS, to="varying"),
+          lambda x: jax.lax.pmean(x, AXIS))
+
+
+def _mask_captions(out: dict[str, jax.Array], token_ids: jax.Array | None,
+                   step_rng: jax.Array, pec_prob: jax.Array | None,
+                   train: ml_collections.ConfigDict, own_caption_terms: bool
+                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """This device's captions restricted to their own tokens (`own_caption_terms`, every step)
+  and PEC's masking (`train.pec`, with probability `pec_prob`; with `train.pec_images` the
+  images too, to their caption's tokens, STAIR-like).
+
+  Returns:
+    (the outputs with z_t (and z_i) masked, PEC's metrics pec_prob / pec_masked or {}).
+  """
+  if own_caption_terms:
+    out["z_t"] = pec.own_terms(out["z_t"], token_ids)
+  if not train.pec:
+    return out, {}
+  pec_rng = jax.random.fold_in(step_rng, _PEC_STREAM)
+  if train.pec_images:
+    out["z_i"], out["z_t"], masked = pec.mask_pairs(out["z_i"], out["z_t"], token_ids, pec_rng,
+                                                    pec_prob)
+  else:
+    out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids, pec_rng, pec_prob)
+  return out, dict(pec_prob=pec_prob, pec_masked=masked)
+
+
 def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
                     train: ml_collections.ConfigDict, total_steps: int,
                     mesh: jax.sharding.Mesh,
@@ -319,30 +377,12 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   encode = (_ENCODERS_WITH_LOGITS if settings.uses_bow else _ENCODERS)[settings.mode]
   scheds = optim.schedules(train, total_steps)
   use_pec = bool(train.pec)
-  if train.pec_images and not use_pec:
-    raise ValueError("train.pec_images masks images on the steps PEC masks captions: it needs "
-                     "train.pec=True")
-  if use_pec and settings.mode == "dense_only":
-    raise ValueError("train.pec masks sparse vectors: it needs train.mode 'jsds' or 'd2s', "
-                     "not 'dense_only'")
-  if own_caption_terms and settings.mode == "dense_only":
-    raise ValueError("model.own_caption_terms restricts sparse vectors: it needs train.mode "
-                     "'jsds' or 'd2s', not 'dense_only'")
+  _check_caption_masks(train, settings.mode, own_caption_terms)
   needs_ids = (use_pec or module.text_block is not None or settings.uses_bow
                or own_caption_terms)
   bow_terms = None if bow_terms is None else jnp.asarray(bow_terms, bool)
   bow_weights = None if bow_weights is None else jnp.asarray(bow_weights, jnp.float32)
-  # On a one-device mesh every collective is an identity, yet XLA still runs each as a copy
-  # (on a 2-core CPU the two (B, V) all-gathers, their reduce-scatters and the gradient
-  # all-reduce took ~50 of ~650 ms per step): there the step calls none of them, and
-  # shard_map's replication check, which needs them to type the outputs, is off.
-  single_device = mesh.shape[AXIS] == 1
-  if single_device:
-    gather = to_varying = mean = lambda x: x
-  else:
-    gather = lambda x: jax.lax.all_gather(x, AXIS, tiled=True)
-    to_varying = lambda x: jax.lax.pcast(x, AXIS, to="varying")
-    mean = lambda x: jax.lax.pmean(x, AXIS)
+  single_device, gather, to_varying, mean = _collectives(mesh)
 
   def per_device(state: TrainState, features: input_pipeline.DeviceFeatures,
                  order: jax.Array, step_in_epoch: jax.Array, streamed):
@@ -357,23 +397,14 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     token_ids = None
     if needs_ids:
       token_ids = input_pipeline.gather_token_ids(features, caption_idx)
-    if use_pec:
-      pec_prob = pec.probability(state.step, total_steps, train.pec_fraction)
+    pec_prob = (pec.probability(state.step, total_steps, train.pec_fraction) if use_pec
+                else None)
 
     def loss_fn(params):
       out = module.apply({"params": params}, h_img, h_txt, token_ids, method=encode,
                          rngs={"dropout": step_rng})
-      extra = {}
-      if own_caption_terms:  # before the all-gather: each device's own captions
-        out["z_t"] = pec.own_terms(out["z_t"], token_ids)
-      if use_pec:  # before the all-gather: each device masks its own captions
-        pec_rng = jax.random.fold_in(step_rng, _PEC_STREAM)
-        if train.pec_images:  # images too, to their own caption's tokens (STAIR-like)
-          out["z_i"], out["z_t"], masked = pec.mask_pairs(out["z_i"], out["z_t"], token_ids,
-                                                          pec_rng, pec_prob)
-        else:
-          out["z_t"], masked = pec.mask_captions(out["z_t"], token_ids, pec_rng, pec_prob)
-        extra = dict(pec_prob=pec_prob, pec_masked=masked)
+      # Before the all-gather: each device masks its own captions.
+      out, extra = _mask_captions(out, token_ids, step_rng, pec_prob, train, own_caption_terms)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
       all_ids = gather(token_ids) if settings.uses_bow else None
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings, all_ids,
