@@ -6,15 +6,10 @@
       --config.data.image_root=/data/flickr30k/flickr30k-images
   python -m jsds_jax.main --config configs/albef_flickr.py:runlocal ...   # a smoke test
 
-The ALBEF checkpoint is a local folder (jsds_jax/models/trunk/albef.py): LAVIS's `albef_retrieval`
-weights for model_type "flickr" (the `.pth` LAVIS downloads for it), with ALBEF's
-`config_bert.json` and the bert-base-uncased tokenizer files beside it; pass its path.
-
-Hyperparameters: DESIGN.md §3's table row `albef_flickr` (= holi-lab/mm-sparse-retrieval
-`training_config/albef-flickr.json`): lr 1e-5, w1 0.1, w2 0.2, λ1 0.3, λ2 0.3,
-η_text 1e-4, η_image 2e-5. The rest, and why: configs/blip_coco.py (the lr column is the
-official single AdamW group's, so both of our groups get it with weight decay 0.05;
-`num_epochs` is 200 · captions per image; validation every 5 epochs, patience 20).
+The checkpoint folder is as for configs/albef_coco.py, with LAVIS's `albef_retrieval` weights
+for model_type "flickr". Hyperparameters: DESIGN.md §3's table row `albef_flickr` (= holi-lab/
+mm-sparse-retrieval `training_config/albef-flickr.json`): lr 1e-5, w1 0.1, w2 0.2, λ1 0.3,
+λ2 0.3, η_text 1e-4, η_image 2e-5; the rest as configs/blip_coco.py says.
 """
 
 from jsds_jax import config_base
