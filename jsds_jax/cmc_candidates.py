@@ -216,7 +216,7 @@ def cross_encoder_teacher(mined: dict[str, Any], split_dir: str | os.PathLike, m
   if missing:
     raise rerank.RerankError(
         f"cmc.teacher='itm' needs {', '.join(missing)} in the training cache '{split_dir}': "
-        "encode a blip backbone with --config.encode.image_tokens=True")
+        "encode a blip or albef backbone with --config.encode.image_tokens=True")
   key = _params_hash(params)[:16]
   out = dict(mined, candidates=dict(mined["candidates"]))
   for d, c in mined["candidates"].items():

@@ -265,19 +265,20 @@ TEACHERS = ("first_stage", "itm")
 def _teacher(config: ml_collections.ConfigDict, mined: dict[str, Any], train_dir,
              cross_encoder: Any) -> dict[str, Any]:
   """`mined` with the teacher `cmc.teacher` asks for: the first stage's scores as mined, or
-  BLIP's ITM logits over the same candidates (`cross_encoder` = (BlipItm, params), else loaded
-  from `config.backbone.checkpoint`)."""
+  the ITM logits over the same candidates (`cross_encoder` = (BlipItm, params), else BLIP's or
+  ALBEF's loaded from `config.backbone`, `backbones.load_cross_encoder`)."""
   kind = config.cmc.get("teacher", "first_stage")
   if kind not in TEACHERS:
     raise rerank.RerankError(f"cmc.teacher={kind!r} is not one of {TEACHERS}")
   if kind == "first_stage":
     return mined
   if cross_encoder is None:
-    if config.backbone.name != "blip":
-      raise rerank.RerankError(f"cmc.teacher='itm' needs a blip backbone (its ITM head), not "
-                               f"{config.backbone.name!r}")
-    from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
-    loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+    if config.backbone.name not in backbones.CROSS_ENCODERS:
+      raise rerank.RerankError(
+          f"cmc.teacher='itm' needs a backbone with an ITM head "
+          f"({' or '.join(backbones.CROSS_ENCODERS)}), not {config.backbone.name!r}")
+    loaded = backbones.load_cross_encoder(config.backbone)
     cross_encoder = (loaded.itm, loaded.itm_params)
   return cmc_candidates.cross_encoder_teacher(mined, train_dir, *cross_encoder)
 
