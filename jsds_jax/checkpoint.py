@@ -117,10 +117,15 @@ def tail_module(metadata: Mapping[str, Any], params: Mapping[str, Any],
   Raises:
     ValueError: the params hold a last block and no backbone was given.
   """
-  model = metadata.get("config", {}).get("model", {})
   return tail_outputs.tail_module_for(params, backbone,
                                       jnp.dtype(metadata.get("dtype", "float32")),
-                                      bool(model.get("own_caption_terms", False)))
+                                      own_caption_terms(metadata))
+
+
+def own_caption_terms(metadata: Mapping[str, Any]) -> bool:
+  """The run's `model.own_caption_terms` from a checkpoint's metadata (its saved config;
+  False for checkpoints written before the field)."""
+  return bool(metadata.get("config", {}).get("model", {}).get("own_caption_terms", False))
 
 
 def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],

@@ -217,9 +217,10 @@ class Validator:
   """Reranked R@1 on the validation split: the first stage's top `val_k`, both directions."""
 
   def __init__(self, tail_params, split_dir, cc: ml_collections.ConfigDict, w1: float,
-               w2: float, backbone=None):
+               w2: float, backbone=None, own_caption_terms: bool = False):
     cache = feature_cache.load_split(split_dir)
-    out = tail_outputs.apply_tail(tail_params, cache, backbone=backbone)
+    out = tail_outputs.apply_tail(tail_params, cache, backbone=backbone,
+                                  own_caption_terms=own_caption_terms)
     self.image_emb, self.caption_emb = cmc_candidates.item_embeddings(out, cache, cc.inputs)
     scores = cmc_candidates.first_stage_scores(out, cc.first_stage, w1, w2)
     self.views = {d: rerank.direction_view(scores, cache["caption_image_index"], d)
@@ -296,6 +297,7 @@ class CMCRun:
     dirs: {"train": cache dir, cmc.val_split: cache dir}.
     mined: `cmc_candidates.mine`'s result (with the teacher's scores).
     num_examples, steps_per_epoch, total_steps, num_candidates: the schedule's sizes.
+    own_caption_terms: the tail's `model.own_caption_terms` (mining and validation apply it).
   """
   module: cmc_lib.CMC
   tx: optax.GradientTransformation
@@ -310,6 +312,7 @@ class CMCRun:
   steps_per_epoch: int
   total_steps: int
   num_candidates: int
+  own_caption_terms: bool = False
 
 
 def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | None = None,
@@ -332,7 +335,8 @@ def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | Non
   mined = cmc_candidates.mine(tail_params, dirs["train"], first_stage=cc.first_stage,
                               directions=cc.directions, num_candidates=cc.num_candidates,
                               max_rank=cc.max_rank, seed=config.seed, w1=w1, w2=w2,
-                              inputs=cc.inputs, root=cc.candidates_root)
+                              inputs=cc.inputs, root=cc.candidates_root,
+                              own_caption_terms=checkpoint.own_caption_terms(tail_meta))
   mined = _teacher(config, mined, dirs["train"], cross_encoder)
   host = build_examples(mined)
   num_examples = len(host["query"])
@@ -356,7 +360,8 @@ def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | Non
   return CMCRun(module=module, tx=tx, mesh=mesh, state=state, examples=examples,
                 metadata=metadata, tail_params=tail_params, dirs=dirs, mined=mined,
                 num_examples=num_examples, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, num_candidates=int(host["candidates"].shape[1]))
+                total_steps=total_steps, num_candidates=int(host["candidates"].shape[1]),
+                own_caption_terms=checkpoint.own_caption_terms(tail_meta))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
@@ -379,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     status = progress.status
     writer = metric_writer.MetricWriter(workdir, start)
     validator = Validator(run.tail_params, run.dirs[cc.val_split], cc, float(config.train.loss.w1),
-                          float(config.train.loss.w2))
+                          float(config.train.loss.w2), own_caption_terms=run.own_caption_terms)
     step_fn = make_train_step(run.module, run.tx, cc, run.mesh, compiler_options)
     logging.info("training CMC: %d steps (%d epochs x %d), %d queries, C = %d, from step %d",
                  run.total_steps, cc.num_epochs, run.steps_per_epoch, run.num_examples,
