@@ -65,9 +65,10 @@ def _test_scores(tail: str, config):
   from jsds_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from jsds_jax.data import feature_cache  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import scores as scores_lib  # pylint: disable=g-import-not-at-top
-  params, _ = checkpoint.load_params(tail)
+  params, meta = checkpoint.load_params(tail)
   cache = feature_cache.load_split(train_lib.feature_dirs(config, ["test"])["test"])
-  out = tail_outputs.apply_tail(params, cache)
+  out = tail_outputs.apply_tail(params, cache,
+                                own_caption_terms=checkpoint.own_caption_terms(meta))
   mats = scores_lib.score_matrices(out, float(config.train.loss.w1), float(config.train.loss.w2),
                                    str(config.eval.integrated))
   return params, cache, out, mats
@@ -143,7 +144,7 @@ def diagnose(tail: str, config) -> None:
   from jsds_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from jsds_jax.data import feature_cache  # pylint: disable=g-import-not-at-top
   from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
-  params, _ = checkpoint.load_params(tail)
+  params, meta = checkpoint.load_params(tail)
   dirs = train_lib.feature_dirs(config, ["train", "val", "test"])
   w1, w2 = float(config.train.loss.w1), float(config.train.loss.w2)
   print("| split | first stage | direction | R@1 | R@5 | R@32 | teacher max p (top 64) | "
@@ -151,7 +152,8 @@ def diagnose(tail: str, config) -> None:
   print("|---|---|---|---|---|---|---|---|")
   for split, path in dirs.items():
     cache = feature_cache.load_split(path)
-    out = tail_outputs.apply_tail(params, cache)
+    out = tail_outputs.apply_tail(params, cache,
+                                  own_caption_terms=checkpoint.own_caption_terms(meta))
     for kind in ("dense", "integrated"):
       s = cmc_candidates.first_stage_scores(out, kind, w1, w2)
       for d in ("t2i", "i2t"):

@@ -107,7 +107,8 @@ def make_metadata(config: ml_collections.ConfigDict, module: jsds.JSDSTail,
 def tail_module(metadata: Mapping[str, Any], params: Mapping[str, Any],
                 backbone: Any = None) -> jsds.JSDSTail:
   """The `JSDSTail` a checkpoint's params belong to, at the dtype it trained in: the sizes from
-  the params (`JSDSTail.from_params`), trained last blocks included.
+  the params (`JSDSTail.from_params`), trained last blocks included, and its config's
+  `model.own_caption_terms`.
 
   Args:
     metadata, params: what `load_params` returns.
@@ -117,7 +118,14 @@ def tail_module(metadata: Mapping[str, Any], params: Mapping[str, Any],
     ValueError: the params hold a last block and no backbone was given.
   """
   return tail_outputs.tail_module_for(params, backbone,
-                                      jnp.dtype(metadata.get("dtype", "float32")))
+                                      jnp.dtype(metadata.get("dtype", "float32")),
+                                      own_caption_terms(metadata))
+
+
+def own_caption_terms(metadata: Mapping[str, Any]) -> bool:
+  """The run's `model.own_caption_terms` from a checkpoint's metadata (its saved config;
+  False for checkpoints written before the field)."""
+  return bool(metadata.get("config", {}).get("model", {}).get("own_caption_terms", False))
 
 
 def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any],

@@ -153,8 +153,11 @@ def first_stage_scores(out: tail_outputs.TailOutputs, kind: str, w1: float,
 def mine(params: Mapping[str, Any], split_dir: str | os.PathLike, *, first_stage: str,
          directions: Sequence[str], num_candidates: int, max_rank: int, seed: int,
          w1: float, w2: float, inputs: str, root: str | os.PathLike,
-         backbone: Any = None) -> dict[str, Any]:
+         backbone: Any = None, own_caption_terms: bool = False) -> dict[str, Any]:
   """Mines (or reads back) a split's candidates for every direction, and CMC's embeddings.
+
+  `own_caption_terms`: the tail's `model.own_caption_terms` (its captions keep only their own
+  tokens, as in its training and eval; `checkpoint.own_caption_terms(meta)`).
 
   Returns:
     {"candidates": {direction: Candidates}, "image_emb": (N_i, D), "caption_emb": (N_c, D),
@@ -166,9 +169,12 @@ def mine(params: Mapping[str, Any], split_dir: str | os.PathLike, *, first_stage
               "num_candidates": int(num_candidates), "max_rank": int(max_rank),
               "seed": int(seed), "w1": float(w1), "w2": float(w2), "inputs": inputs,
               "weights_hash": cache["meta"].get("weights_hash"), "tail": tail_hash(params)}
+  if own_caption_terms:  # only when on: caches mined before the field keep their keys
+    settings["own_caption_terms"] = True
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
   folder = pathlib.Path(root).expanduser() / key
-  out = tail_outputs.apply_tail(params, cache, backbone=backbone)
+  out = tail_outputs.apply_tail(params, cache, backbone=backbone,
+                                own_caption_terms=own_caption_terms)
   image_emb, caption_emb = item_embeddings(out, cache, inputs)
   result = {"candidates": {}, "image_emb": image_emb, "caption_emb": caption_emb,
             "dir": folder, "tail_hash": settings["tail"], "tau": float(out.tau)}
@@ -216,7 +222,7 @@ def cross_encoder_teacher(mined: dict[str, Any], split_dir: str | os.PathLike, m
   if missing:
     raise rerank.RerankError(
         f"cmc.teacher='itm' needs {', '.join(missing)} in the training cache '{split_dir}': "
-        "encode a blip backbone with --config.encode.image_tokens=True")
+        "encode a blip or albef backbone with --config.encode.image_tokens=True")
   key = _params_hash(params)[:16]
   out = dict(mined, candidates=dict(mined["candidates"]))
   for d, c in mined["candidates"].items():

@@ -224,8 +224,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.cmc.gate = "learned"          # learned (g from gate_init) | fixed (g = gate_init)
   c.cmc.gate_init = -5.0          # the paper's learned start; the official README fixes 0
   c.cmc.alpha = 0.2               # CE weight; 1 - alpha on KL(teacher || CMC)
-  c.cmc.teacher = "first_stage"   # first_stage | itm (BLIP's ITM logits over the mined pairs,
-                                  # once; needs encode.image_tokens=True and a blip backbone)
+  c.cmc.teacher = "first_stage"   # first_stage | itm (the ITM logits over the mined pairs, once;
+                                  # needs encode.image_tokens=True, a blip or albef backbone)
   c.cmc.temperature = 1.0
   # The teacher's scores are divided by this before the KL. The integrated score (w1·cos +
   # w2·sparse, w = 0.1) spans ~0.5 over a query's 64 candidates, so at 1 the teacher is

@@ -126,18 +126,19 @@ def _itm_lines(scores: Mapping[str, np.ndarray], zero_shot: np.ndarray | None,
   module, params, settings = cross_encoder
   if "image_tokens" not in cache or zero_shot is None:
     raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
-                    "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
+                    "cache: re-encode a blip or albef backbone with --config.encode.image_tokens=True")
   first = {**{k: scores[k] for k in scores_lib.KINDS if k in scores}, "zero_shot": zero_shot}
   return ce.itm_lines(first, zero_shot, cache, module, params, settings)
 
 
 def _load_itm(config: ml_collections.ConfigDict, backbone: Any, k: int, logit_only: bool):
   """(config asking for the image-token cache, (BlipItm, params, settings)) for --rerank itm."""
-  if backbone.name != "blip":
-    raise EvalError(f"--rerank=itm needs a blip backbone (its ITM head), not {backbone.name!r}")
   from jsds_jax.evaluation import cross_encoder as ce  # pylint: disable=g-import-not-at-top
-  from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
-  loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+  from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+  if backbone.name not in backbones.CROSS_ENCODERS:
+    raise EvalError(f"--rerank=itm needs a backbone with an ITM head "
+                    f"({' or '.join(backbones.CROSS_ENCODERS)}), not {backbone.name!r}")
+  loaded = backbones.load_cross_encoder(config.backbone)
   itm = (loaded.itm, loaded.itm_params, ce.RerankSettings(k=k, logit_only=logit_only))
   if not config.encode.get("image_tokens", False):
     config = ml_collections.ConfigDict(config.to_dict())
@@ -169,7 +170,7 @@ def _pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any], out:
   from jsds_jax.evaluation import rerank  # pylint: disable=g-import-not-at-top
   if "image_tokens" not in cache or zero_shot is None:
     raise EvalError("the ITM stage needs the image token states and BLIP's projections in the "
-                    "cache: re-encode a blip backbone with --config.encode.image_tokens=True")
+                    "cache: re-encode a blip or albef backbone with --config.encode.image_tokens=True")
   if not config.cmc.checkpoint:
     raise rerank.RerankError("--rerank cmc,itm needs the CMC run: set "
                              "--config.cmc.checkpoint=WORKDIR (python -m jsds_jax.train_cmc)")
@@ -449,7 +450,7 @@ def run() -> None:
   flags.DEFINE_string("rerank", "", "cmc: also rerank each first stage's top K with the CMC "
                       "run at --config.cmc.checkpoint (report: first stage alone vs + CMC); "
                       "itm: rescore each first stage's top --rerank_k with BLIP's ITM "
-                      "cross-encoder (blip backbones); cmc,itm: both, and the chain (CMC "
+                      "cross-encoder (blip and albef backbones); cmc,itm: both, and the chain (CMC "
                       "over the top --config.cmc.pipeline_k, ITM over CMC's top --rerank_k).")
   flags.DEFINE_integer("rerank_k", 128, "Candidates per query the cross-encoder rescores "
                        "(BLIP: 256 COCO, 128 Flickr30k).")

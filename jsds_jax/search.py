@@ -35,7 +35,6 @@ import numpy as np
 
 from jsds_jax import cli
 from jsds_jax import explain
-from jsds_jax import pec
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
 from jsds_jax.index import bundle
@@ -98,7 +97,9 @@ class Searcher:
     if params is None:
       params = bundle.load_tail_params(self.root / bundle.TAIL_PARAMS)
     self.params = params
-    self.module = tail_outputs.tail_module_for(params, backbone)
+    # model.own_caption_terms: a query weights only its own tokens, as captions did.
+    own_terms = bool(self.config.get("model", {}).get("own_caption_terms", False))
+    self.module = tail_outputs.tail_module_for(params, backbone, own_caption_terms=own_terms)
     vocab_size = tail_outputs.feature_dims(params)["vocab_size"]
     if vocab_size != backbone.vocab_size:
       raise ValueError(f"vocabulary size differs: the tail's sparse head has {vocab_size} terms, "
@@ -118,19 +119,15 @@ class Searcher:
       tower = tower.clone(dtype=jnp.dtype(dtype))
     module = self.module
 
-    own_terms = bool(self.config.get("model", {}).get("own_caption_terms", False))
-
     def encode(tv, p, ids, mask, cached_ids):
       out = tower.apply(tv, ids, mask)
       if module.text_block is None:
-        e, z = module.apply({"params": p}, out.pooled.astype(jnp.float32),
-                            method=module.encode_text)
+        h = out.pooled.astype(jnp.float32)
       else:
         # The trained last block reads the states entering it, as the cache stored them (bf16).
-        states = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
-        e, z = module.apply({"params": p}, states, cached_ids, method=module.encode_text)
-      # model.own_caption_terms: a query weights only its own tokens, as captions did.
-      return e, (pec.own_terms(z, cached_ids) if own_terms else z)
+        h = out.last_block_input.astype(jnp.bfloat16).astype(jnp.float32)
+      # The ids as the cache keeps them: for a text last block and own_caption_terms.
+      return module.apply({"params": p}, h, cached_ids, method=module.encode_text)
 
     self._encode = jax.jit(encode)
     self.cmc = None

@@ -42,7 +42,7 @@ class TailOutputs:
 
 
 def tail_module_for(params: Mapping[str, Any], backbone: Any = None,
-                    dtype: Any = jnp.float32) -> jsds.JSDSTail:
+                    dtype: Any = jnp.float32, own_caption_terms: bool = False) -> jsds.JSDSTail:
   """The `JSDSTail` whose params have the shapes of `params` (the checkpoint fixes them), with
   the trained last blocks the params hold (`JSDSTail.from_params`).
 
@@ -51,6 +51,8 @@ def tail_module_for(params: Mapping[str, Any], backbone: Any = None,
       plus "image_block" / "text_block" in the last_block variant.
     backbone: the loaded backbone; needed only with last blocks (its towers define them).
     dtype: the tail's (and its blocks') computation dtype.
+    own_caption_terms: the config's `model.own_caption_terms` (captions keep only their own
+      tokens; `JSDSTail.caption_terms`).
 
   Raises:
     ValueError: the params hold a last block and no backbone was given.
@@ -60,7 +62,8 @@ def tail_module_for(params: Mapping[str, Any], backbone: Any = None,
     if f"{side}_block" in params and backbone is not None:
       tower = backbone.image_tower if side == "image" else backbone.text_tower
       blocks[f"{side}_block"] = last_block.block_for(tower, dtype)
-  return jsds.JSDSTail.from_params(params, dtype=dtype, **blocks)
+  return jsds.JSDSTail.from_params(params, dtype=dtype, own_caption_terms=own_caption_terms,
+                                   **blocks)
 
 
 def split_inputs(module: jsds.JSDSTail, cache: Mapping[str, Any],
@@ -68,25 +71,28 @@ def split_inputs(module: jsds.JSDSTail, cache: Mapping[str, Any],
   """What the tail reads of a split: {"image": (h, None), "text": (h, token ids or None)}.
 
   h is the pooled (N, D) cache, or with a last block the (N, L, D) token states (memory-
-  mapped, read batch by batch); a text block also reads the (N, L) token ids.
+  mapped, read batch by batch); a text block and `own_caption_terms` also read the (N, L)
+  token ids.
 
   Raises:
     CacheError: the cache lacks the token states or ids the module needs.
   """
-  def need(name: str, why: str):
+  def need(name: str, why: str, how: str = "encode with --config.encode.last_block=True"):
     if name not in cache:
       raise feature_cache.CacheError(f"feature cache {where} has no {name}, which {why} needs "
-                                     "(encode with --config.encode.last_block=True)")
+                                     f"({how})")
     return cache[name]
 
   image = (need("image_last_block_input", "the trained image last block")
            if module.image_block is not None else cache["image_pooled"])
+  text = (need("text_last_block_input", "the trained text last block")
+          if module.text_block is not None else cache["text_pooled"])
+  ids = None
   if module.text_block is not None:
-    text = (need("text_last_block_input", "the trained text last block"),
-            need(feature_cache.TOKEN_IDS, "the trained text last block"))
-  else:
-    text = (cache["text_pooled"], None)
-  return {"image": (image, None), "text": text}
+    ids = need(feature_cache.TOKEN_IDS, "the trained text last block")
+  elif module.own_caption_terms:
+    ids = need(feature_cache.TOKEN_IDS, "model.own_caption_terms", "run encode again")
+  return {"image": (image, None), "text": (text, ids)}
 
 
 def feature_dims(params: Mapping[str, Any]) -> dict[str, int]:
@@ -130,7 +136,8 @@ def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, ki
     kind: "image" or "text".
     batch_size: rows per device call (at most `TOKEN_BATCH` for token states); the last batch
       is padded so one program serves all.
-    token_ids: (N, L) caption token ids, -1 at padding; for a text last block.
+    token_ids: (N, L) caption token ids, -1 at padding; for a text last block or
+      `own_caption_terms`.
 
   Returns:
     (e (N, P) float32, z (N, V) float32 CSR).
@@ -153,28 +160,6 @@ def encode_features(module: jsds.JSDSTail, params: Mapping[str, Any], h: Any, ki
   return np.concatenate(es), sp.vstack(zs, format="csr")
 
 
-def own_terms_csr(z: sp.csr_matrix, token_ids: np.ndarray) -> sp.csr_matrix:
-  """`pec.own_terms` on the host: row r of z keeps only the entries of row r's token ids.
-
-  Args:
-    z: (N, V) CSR caption term weights.
-    token_ids: (N, L) int token ids, -1 at padding.
-
-  Returns:
-    (N, V) float32 CSR, explicit zeros removed.
-  """
-  token_ids = np.asarray(token_ids)
-  if token_ids.shape[0] != z.shape[0]:
-    raise ValueError(f"{token_ids.shape[0]} rows of token ids for {z.shape[0]} vectors")
-  rows, cols = np.nonzero(token_ids >= 0)
-  keep = sp.csr_matrix((np.ones(rows.shape[0], np.float32), (rows, token_ids[rows, cols])),
-                       shape=z.shape)
-  keep.data[:] = 1.0  # a token repeated in a caption was summed
-  out = sp.csr_matrix(z.multiply(keep), dtype=np.float32)
-  out.eliminate_zeros()
-  return out
-
-
 def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
                batch_size: int = 1024, backbone: Any = None,
                own_caption_terms: bool = False) -> TailOutputs:
@@ -186,20 +171,15 @@ def apply_tail(params: Mapping[str, Any], cache: Mapping[str, Any],
     batch_size: rows per device call.
     backbone: the loaded backbone; needed only for params with last blocks.
     own_caption_terms: each caption's vector restricted to its own tokens
-      (`model.own_caption_terms`; needs the cache's caption token ids).
+      (`model.own_caption_terms`, done by the tail; needs the cache's caption token ids).
 
   Raises:
-    CacheError: own_caption_terms and the cache has no caption token ids.
+    CacheError: the cache lacks what the tail reads (`split_inputs`).
   """
-  module = tail_module_for(params, backbone)
+  module = tail_module_for(params, backbone, own_caption_terms=own_caption_terms)
   inputs = split_inputs(module, cache)
   e_i, z_i = encode_features(module, params, inputs["image"][0], "image", batch_size)
   e_t, z_t = encode_features(module, params, inputs["text"][0], "text", batch_size,
                              token_ids=inputs["text"][1])
-  if own_caption_terms:
-    if feature_cache.TOKEN_IDS not in cache:
-      raise feature_cache.CacheError("the feature cache has no caption token ids, which "
-                                     "model.own_caption_terms needs (run encode)")
-    z_t = own_terms_csr(z_t, cache[feature_cache.TOKEN_IDS])
   tau = float(jsds.clamp_tau(jnp.asarray(params["tau"]), module.tau_min, module.tau_max))
   return TailOutputs(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=tau)

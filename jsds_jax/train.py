@@ -141,6 +141,7 @@ def build_tail(config: ml_collections.ConfigDict, tail_init: Mapping[str, np.nda
                          use_bias=not projs or "bias" in projs["image_proj"],
                          use_vocab_bias=config.model.use_vocab_bias,
                          dtype=jnp.dtype(config.model.dtype),
+                         own_caption_terms=own_caption_terms(config),
                          **{f"{side}_block": b for side, (b, _) in blocks.items()})
   params = jsds.init_jsds_tail(
       rng, module, image_dim, text_dim, projs.get("image_proj"), projs.get("text_proj"), words,
@@ -313,8 +314,7 @@ def setup(config: ml_collections.ConfigDict,
     bow_weights = term_losses.idf_weights(
         jnp.asarray(np.asarray(train_cache[feature_cache.TOKEN_IDS])), module.vocab_size)
   step_fn = train_step.make_train_step(module, tx, tc, total_steps, mesh, bow_terms=bow_terms,
-                                       bow_weights=bow_weights,
-                                       own_caption_terms=own_caption_terms(config))
+                                       bow_weights=bow_weights)
   return Setup(module, state, data, step_fn, metadata, total_steps, dirs, vocab)
 
 
@@ -355,8 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Validation runs on this process's devices (each process gets the same numbers).
     evaluator = validation.Evaluator(run.module, run.dirs[tc.val_split],
                                      sharding.local_data_mesh(), tc.loss.w1, tc.loss.w2,
-                                     integrated=config.eval.integrated, vocab=run.vocab,
-                                     own_caption_terms=own_caption_terms(config))
+                                     integrated=config.eval.integrated, vocab=run.vocab)
     loop = _Loop(tc, run, ckpt, evaluator, progress, metric_writer.MetricWriter(workdir, start),
                  start)
     status, done = progress.status, start

@@ -217,9 +217,10 @@ class Validator:
   """Reranked R@1 on the validation split: the first stage's top `val_k`, both directions."""
 
   def __init__(self, tail_params, split_dir, cc: ml_collections.ConfigDict, w1: float,
-               w2: float, backbone=None):
+               w2: float, backbone=None, own_caption_terms: bool = False):
     cache = feature_cache.load_split(split_dir)
-    out = tail_outputs.apply_tail(tail_params, cache, backbone=backbone)
+    out = tail_outputs.apply_tail(tail_params, cache, backbone=backbone,
+                                  own_caption_terms=own_caption_terms)
     self.image_emb, self.caption_emb = cmc_candidates.item_embeddings(out, cache, cc.inputs)
     scores = cmc_candidates.first_stage_scores(out, cc.first_stage, w1, w2)
     self.views = {d: rerank.direction_view(scores, cache["caption_image_index"], d)
@@ -265,19 +266,20 @@ TEACHERS = ("first_stage", "itm")
 def _teacher(config: ml_collections.ConfigDict, mined: dict[str, Any], train_dir,
              cross_encoder: Any) -> dict[str, Any]:
   """`mined` with the teacher `cmc.teacher` asks for: the first stage's scores as mined, or
-  BLIP's ITM logits over the same candidates (`cross_encoder` = (BlipItm, params), else loaded
-  from `config.backbone.checkpoint`)."""
+  the ITM logits over the same candidates (`cross_encoder` = (BlipItm, params), else BLIP's or
+  ALBEF's loaded from `config.backbone`, `backbones.load_cross_encoder`)."""
   kind = config.cmc.get("teacher", "first_stage")
   if kind not in TEACHERS:
     raise rerank.RerankError(f"cmc.teacher={kind!r} is not one of {TEACHERS}")
   if kind == "first_stage":
     return mined
   if cross_encoder is None:
-    if config.backbone.name != "blip":
-      raise rerank.RerankError(f"cmc.teacher='itm' needs a blip backbone (its ITM head), not "
-                               f"{config.backbone.name!r}")
-    from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
-    loaded = blip_itm.load_blip_itm(config.backbone.checkpoint)
+    from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
+    if config.backbone.name not in backbones.CROSS_ENCODERS:
+      raise rerank.RerankError(
+          f"cmc.teacher='itm' needs a backbone with an ITM head "
+          f"({' or '.join(backbones.CROSS_ENCODERS)}), not {config.backbone.name!r}")
+    loaded = backbones.load_cross_encoder(config.backbone)
     cross_encoder = (loaded.itm, loaded.itm_params)
   return cmc_candidates.cross_encoder_teacher(mined, train_dir, *cross_encoder)
 
@@ -295,6 +297,7 @@ class CMCRun:
     dirs: {"train": cache dir, cmc.val_split: cache dir}.
     mined: `cmc_candidates.mine`'s result (with the teacher's scores).
     num_examples, steps_per_epoch, total_steps, num_candidates: the schedule's sizes.
+    own_caption_terms: the tail's `model.own_caption_terms` (mining and validation apply it).
   """
   module: cmc_lib.CMC
   tx: optax.GradientTransformation
@@ -309,6 +312,7 @@ class CMCRun:
   steps_per_epoch: int
   total_steps: int
   num_candidates: int
+  own_caption_terms: bool = False
 
 
 def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | None = None,
@@ -331,7 +335,8 @@ def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | Non
   mined = cmc_candidates.mine(tail_params, dirs["train"], first_stage=cc.first_stage,
                               directions=cc.directions, num_candidates=cc.num_candidates,
                               max_rank=cc.max_rank, seed=config.seed, w1=w1, w2=w2,
-                              inputs=cc.inputs, root=cc.candidates_root)
+                              inputs=cc.inputs, root=cc.candidates_root,
+                              own_caption_terms=checkpoint.own_caption_terms(tail_meta))
   mined = _teacher(config, mined, dirs["train"], cross_encoder)
   host = build_examples(mined)
   num_examples = len(host["query"])
@@ -355,7 +360,8 @@ def setup(config: ml_collections.ConfigDict, cache_dirs: Mapping[str, Any] | Non
   return CMCRun(module=module, tx=tx, mesh=mesh, state=state, examples=examples,
                 metadata=metadata, tail_params=tail_params, dirs=dirs, mined=mined,
                 num_examples=num_examples, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, num_candidates=int(host["candidates"].shape[1]))
+                total_steps=total_steps, num_candidates=int(host["candidates"].shape[1]),
+                own_caption_terms=checkpoint.own_caption_terms(tail_meta))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
@@ -378,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     status = progress.status
     writer = metric_writer.MetricWriter(workdir, start)
     validator = Validator(run.tail_params, run.dirs[cc.val_split], cc, float(config.train.loss.w1),
-                          float(config.train.loss.w2))
+                          float(config.train.loss.w2), own_caption_terms=run.own_caption_terms)
     step_fn = make_train_step(run.module, run.tx, cc, run.mesh, compiler_options)
     logging.info("training CMC: %d steps (%d epochs x %d), %d queries, C = %d, from step %d",
                  run.total_steps, cc.num_epochs, run.steps_per_epoch, run.num_examples,

@@ -125,7 +125,8 @@ class LossSettings:
 
 
 # Each encoder: (module, h_img, h_txt, caption token ids or None) -> outputs. h is the cached
-# pooled state, or token states in the last_block variant (the ids are then the text block's).
+# pooled state, or token states in the last_block variant (the ids are then the text block's);
+# the module restricts z_t to the captions' own tokens itself (`JSDSTail.own_caption_terms`).
 
 
 def _dense(m: jsds.JSDSTail, h_img, h_txt, token_ids):
@@ -140,7 +141,7 @@ def _encode_dense(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
 def _encode_d2s(m: jsds.JSDSTail, h_img, h_txt, token_ids=None):
   # The dense side is the frozen teacher: no gradient flows back into it through z.
   e_i, e_t = jax.lax.stop_gradient(_dense(m, h_img, h_txt, token_ids))
-  z_i, z_t = m.sparse_terms(e_i, e_t)
+  z_i, z_t = m.sparse_terms(e_i, e_t, token_ids)
   return dict(e_i=e_i, e_t=e_t, z_i=z_i, z_t=z_t, tau=m.temperature())
 
 
@@ -154,7 +155,8 @@ def _encode_with_logits(m: jsds.JSDSTail, h_img, h_txt, token_ids=None, *,
   e_i, e_t = _dense(m, h_img, h_txt, token_ids)
   if frozen_dense:
     e_i, e_t = jax.lax.stop_gradient((e_i, e_t))
-  return dict(e_i=e_i, e_t=e_t, tau=m.temperature(), **m.sparse_terms_and_logits(e_i, e_t))
+  return dict(e_i=e_i, e_t=e_t, tau=m.temperature(),
+              **m.sparse_terms_and_logits(e_i, e_t, token_ids))
 
 
 _ENCODERS = {"jsds": _encode_all, "dense_only": _encode_dense, "d2s": _encode_d2s}
@@ -310,17 +312,14 @@ def _collectives(mesh: jax.sharding.Mesh) -> tuple[bool, Callable, Callable, Cal
 
 def _mask_captions(out: dict[str, jax.Array], token_ids: jax.Array | None,
                    step_rng: jax.Array, pec_prob: jax.Array | None,
-                   train: ml_collections.ConfigDict, own_caption_terms: bool
+                   train: ml_collections.ConfigDict
                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """This device's captions restricted to their own tokens (`own_caption_terms`, every step)
-  and PEC's masking (`train.pec`, with probability `pec_prob`; with `train.pec_images` the
-  images too, to their caption's tokens, STAIR-like).
+  """PEC's masking of this device's captions (`train.pec`, with probability `pec_prob`; with
+  `train.pec_images` the images too, to their caption's tokens, STAIR-like).
 
   Returns:
     (the outputs with z_t (and z_i) masked, PEC's metrics pec_prob / pec_masked or {}).
   """
-  if own_caption_terms:
-    out["z_t"] = pec.own_terms(out["z_t"], token_ids)
   if not train.pec:
     return out, {}
   pec_rng = jax.random.fold_in(step_rng, _PEC_STREAM)
@@ -337,12 +336,12 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh,
                     compiler_options: dict[str, Any] | None = None,
                     bow_terms: Any = None, bow_weights: Any = None,
-                    own_caption_terms: bool = False,
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """The jitted, sharded train step.
 
   Args:
-    module: the `JSDSTail`.
+    module: the `JSDSTail`; with `own_caption_terms` every caption's vector is restricted to
+      its own tokens at every step (jsds / d2s), inside the module.
     tx: the optimizer (`optim.make_optimizer(train, total_steps)`).
     train: the config's `train` section (mode, loss weights, lr schedules for the metrics).
     total_steps: the run's optimizer steps.
@@ -354,8 +353,6 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     bow_weights: (V,) float, the terms' weights in a bag-of-words target
       (`term_losses.idf_weights` of the training captions with `train.loss.bow_idf`); None =
       uniform.
-    own_caption_terms: every caption's vector restricted to its own tokens at every step
-      (`model.own_caption_terms`, `pec.own_terms`; jsds / d2s).
 
   Returns:
     step(state, features, order, step_in_epoch) -> (state, metrics), where `state` is a
@@ -371,15 +368,16 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
     "nnz_image" / "nnz_text" (mean nonzeros per sparse vector; jsds and d2s), "grad_norm"
     (after pmean, before clipping), "param_norm", "lr_pretrained", "lr_projections"; with
     `train.pec` also "pec_prob" (p(t)) and "pec_masked" (1 if this step's captions were masked).
-    With `train.pec` or a bag-of-words loss the features must carry the caption token ids.
+    With `train.pec`, a bag-of-words loss or the module's `own_caption_terms` the features must
+    carry the caption token ids.
   """
   settings = LossSettings.from_config(train, total_steps)
   encode = (_ENCODERS_WITH_LOGITS if settings.uses_bow else _ENCODERS)[settings.mode]
   scheds = optim.schedules(train, total_steps)
   use_pec = bool(train.pec)
-  _check_caption_masks(train, settings.mode, own_caption_terms)
+  _check_caption_masks(train, settings.mode, module.own_caption_terms)
   needs_ids = (use_pec or module.text_block is not None or settings.uses_bow
-               or own_caption_terms)
+               or module.own_caption_terms)
   bow_terms = None if bow_terms is None else jnp.asarray(bow_terms, bool)
   bow_weights = None if bow_weights is None else jnp.asarray(bow_weights, jnp.float32)
   single_device, gather, to_varying, mean = _collectives(mesh)
@@ -404,7 +402,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       out = module.apply({"params": params}, h_img, h_txt, token_ids, method=encode,
                          rngs={"dropout": step_rng})
       # Before the all-gather: each device masks its own captions.
-      out, extra = _mask_captions(out, token_ids, step_rng, pec_prob, train, own_caption_terms)
+      out, extra = _mask_captions(out, token_ids, step_rng, pec_prob, train)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
       all_ids = gather(token_ids) if settings.uses_bow else None
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings, all_ids,

@@ -87,6 +87,10 @@ def test_round_trip_best_and_load_params(tmp_path, setup):
   out = module.apply({"params": params}, np.zeros((2, D_IMG), np.float32),
                      np.zeros((3, D_TXT), np.float32))
   assert out["z_i"].shape == (2, V) and out["e_t"].shape == (3, P)
+  assert not module.own_caption_terms
+  own_meta = dict(meta, config=dict(meta["config"], model=dict(meta["config"]["model"],
+                                                               own_caption_terms=True)))
+  assert checkpoint.tail_module(own_meta, params).own_caption_terms  # the config's field
   with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "nothing")):
     checkpoint.load_params(tmp_path / "nothing")
 

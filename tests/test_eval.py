@@ -130,8 +130,8 @@ def test_own_caption_terms_in_validation_equal_the_host_restriction(setup):
     assert set(own.z_t[r].indices) <= set(ids[r][ids[r] >= 0])
   assert own.z_t.nnz < full.z_t.nnz
   assert (own.z_i != full.z_i).nnz == 0  # images untouched
-  val = validation.Evaluator(tail_outputs.tail_module_for(params), setup["split_dir"],
-                             own_caption_terms=True)(params)
+  val = validation.Evaluator(tail_outputs.tail_module_for(params, own_caption_terms=True),
+                             setup["split_dir"])(params)
   assert val["sparsity"]["caption_nnz"] == pytest.approx(metrics.mean_nnz(own.z_t.toarray()))
   s_s = (own.z_t @ own.z_i.T).toarray()
   want = metrics.retrieval_metrics(s_s, np.asarray(cache["caption_image_index"]))

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from jsds_jax import config_base
 from jsds_jax import encode
@@ -164,26 +163,66 @@ def test_sharded_features_carry_each_shards_token_ids(setup):
     np.testing.assert_array_equal(blocks[d][real], data["ids"][layout.captions[d][real]])
 
 
-def test_own_terms_keeps_only_each_captions_tokens_on_device_and_host():
+def test_own_terms_keeps_only_each_captions_tokens():
   z = jnp.arange(1, 13, dtype=jnp.float32).reshape(2, 6)
   ids = jnp.asarray([[4, 1, 4, -1], [0, -1, -1, -1]])
   want = np.zeros((2, 6), np.float32)
   want[0, [1, 4]] = [2, 5]
   want[1, 0] = 7
   np.testing.assert_array_equal(pec.own_terms(z, ids), want)
-  # The eval's CSR version: same rows, the repeated token 4 not doubled, no explicit zeros.
-  host = tail_outputs.own_terms_csr(sp.csr_matrix(np.asarray(z)), np.asarray(ids))
-  np.testing.assert_array_equal(host.toarray(), want)
-  assert host.nnz == 3
-  with pytest.raises(ValueError, match="3 rows of token ids for 2 vectors"):
-    tail_outputs.own_terms_csr(sp.csr_matrix(np.asarray(z)), np.zeros((3, 4), int))
+
+
+def test_the_tail_restricts_its_captions_as_the_host_did():
+  """JSDSTail(own_caption_terms=True) on a hand-made case: every path that yields z_t
+  (encode_text, __call__, sparse_terms, sparse_terms_and_logits) equals the unrestricted z_t
+  with the entries outside each caption's tokens zeroed (what the removed host-side
+  `own_terms_csr` computed: a repeated token not doubled, padding ignored); apply_tail's CSR
+  holds exactly those entries; images and the logits are untouched."""
+  v, p, d = 12, 4, 5
+  plain = jsds.JSDSTail(embed_dim=p, vocab_size=v, word_dim=3)
+  own = plain.clone(own_caption_terms=True)
+  rng = np.random.default_rng(0)
+  h_i, h_t = (jnp.asarray(rng.normal(size=(3, d)), jnp.float32) for _ in range(2))
+  params = plain.init(jax.random.key(0), h_i, h_t)["params"]
+  head = dict(params["sparse_head"], vocab_bias=jnp.full((v,), 5.0))  # every term > 0
+  params = dict(params, sparse_head=head)
+  ids = np.asarray([[4, 1, 4, -1], [0, -1, -1, -1], [11, 3, 7, 2]])
+  full = np.asarray(plain.apply({"params": params}, h_t, method=plain.encode_text)[1])
+  assert (full > 0).all()
+  want = np.zeros_like(full)
+  for r, row in enumerate(ids):
+    for t in set(row[row >= 0]):
+      want[r, t] = full[r, t]
+  run = lambda *a, **kw: own.apply({"params": params}, *a, **kw)
+  np.testing.assert_array_equal(run(h_t, jnp.asarray(ids), method=own.encode_text)[1], want)
+  out = run(h_i, h_t, jnp.asarray(ids))
+  np.testing.assert_array_equal(out["z_t"], want)
+  np.testing.assert_array_equal(
+      out["z_i"], plain.apply({"params": params}, h_i, method=plain.encode_image)[1])
+  e_i, e_t = out["e_i"], out["e_t"]
+  np.testing.assert_array_equal(run(e_i, e_t, jnp.asarray(ids), method=own.sparse_terms)[1],
+                                want)
+  with_logits = run(e_i, e_t, jnp.asarray(ids), method=own.sparse_terms_and_logits)
+  np.testing.assert_array_equal(with_logits["z_t"], want)
+  unrestricted = plain.apply({"params": params}, e_i, e_t, method=plain.sparse_terms_and_logits)
+  np.testing.assert_array_equal(with_logits["l_t"], unrestricted["l_t"])
+  cache = {"image_pooled": np.asarray(h_i), "text_pooled": np.asarray(h_t),
+           feature_cache.TOKEN_IDS: ids}
+  host = tail_outputs.apply_tail(params, cache, batch_size=2, own_caption_terms=True)
+  np.testing.assert_array_equal(host.z_t.toarray(), want)
+  assert host.z_t.nnz == 2 + 1 + 4  # {1, 4}, {0}, {11, 3, 7, 2}: no explicit zeros
+  with pytest.raises(ValueError, match="own_caption_terms .*token ids"):
+    run(h_t, method=own.encode_text)
+  del cache[feature_cache.TOKEN_IDS]
+  with pytest.raises(feature_cache.CacheError, match="token_ids, which model.own_caption_terms"):
+    tail_outputs.apply_tail(params, cache, own_caption_terms=True)
 
 
 def test_own_caption_terms_restrict_every_step_and_keep_images(setup):
   data, module, params = setup
   tc = _train_config(use_pec=False)
-  _, history, order = testing_utils.run_train_steps(data, module, params, tc, 1, 3, B, _FAST,
-                                                    own_caption_terms=True)
+  _, history, order = testing_utils.run_train_steps(
+      data, module.clone(own_caption_terms=True), params, tc, 1, 3, B, _FAST)
   caps = order[0]
   image_idx = data["cap_img"][caps]
   out = module.apply({"params": params}, data["image"][image_idx], data["text"][caps])
@@ -200,8 +239,8 @@ def test_own_caption_terms_restrict_every_step_and_keep_images(setup):
   with pytest.raises(ValueError, match="own_caption_terms .*dense_only"):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     dense = _train_config(mode="dense_only", use_pec=False)
-    train_step.make_train_step(module, optim.make_optimizer(dense, 1), dense, 1, mesh,
-                               own_caption_terms=True)
+    train_step.make_train_step(module.clone(own_caption_terms=True),
+                               optim.make_optimizer(dense, 1), dense, 1, mesh)
 
 
 def test_pec_needs_a_sparse_mode():

@@ -60,6 +60,46 @@ def test_mining_takes_gold_hard_and_random_candidates():
     cmc_candidates.mine_direction(view, num_candidates=1)
 
 
+def test_mining_restricts_captions_as_the_tail_was_trained(tmp_path):
+  """A tail trained with model.own_caption_terms is mined with its captions restricted (as its
+  training, eval and search see them): the teacher scores are the restricted sparse scores,
+  in another cache folder than the unrestricted mining's; train_cmc reads the field from the
+  tail checkpoint's saved config."""
+  from jsds_jax import tail_outputs  # pylint: disable=g-import-not-at-top
+  from jsds_jax.evaluation import scores as scores_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  n_img = 10
+  split = tmp_path / "train"
+  testing_utils.write_split(split, rng.normal(size=(n_img, D_IMG)).astype(np.float32),
+                            rng.normal(size=(2 * n_img, D_TXT)).astype(np.float32),
+                            np.repeat(np.arange(n_img), 2))
+  ids = rng.integers(0, VOCAB, (2 * n_img, 5)).astype(np.int32)
+  ids[:, 4] = -1  # padding
+  feature_cache.atomic_save_npy(split / f"{feature_cache.TOKEN_IDS}.npy", ids)
+  meta = feature_cache.load_split(split)["meta"]
+  meta["arrays"][feature_cache.TOKEN_IDS] = {"shape": list(ids.shape), "dtype": "int32"}
+  feature_cache.atomic_write_json(split / feature_cache.META, meta)
+  module = jsds.JSDSTail(embed_dim=EMBED, vocab_size=VOCAB, word_dim=WORD_DIM)
+  params = jsds.init_jsds_tail(jax.random.key(0), module, D_IMG, D_TXT)
+  params = dict(params, sparse_head=dict(params["sparse_head"],
+                                         vocab_bias=params["sparse_head"]["vocab_bias"] + 1.0))
+  kw = dict(first_stage="sparse", directions=("t2i",), num_candidates=4, max_rank=8, seed=0,
+            w1=0.1, w2=0.1, inputs="dense", root=tmp_path / "cands")
+  own = cmc_candidates.mine(params, split, own_caption_terms=True, **kw)
+  plain = cmc_candidates.mine(params, split, **kw)
+  assert own["dir"] != plain["dir"]
+  cache = feature_cache.load_split(split)
+  for mined, flag in ((own, True), (plain, False)):
+    out = tail_outputs.apply_tail(params, cache, own_caption_terms=flag)
+    s = scores_lib.score_matrices(out, 0.1, 0.1)["sparse"]
+    c = mined["candidates"]["t2i"]
+    np.testing.assert_allclose(c.teacher, np.take_along_axis(s[c.query_ids], c.candidates, 1),
+                               rtol=1e-5, atol=1e-6)
+  assert not np.allclose(own["candidates"]["t2i"].teacher, plain["candidates"]["t2i"].teacher)
+  assert checkpoint.own_caption_terms({"config": {"model": {"own_caption_terms": True}}})
+  assert not checkpoint.own_caption_terms({"mode": "jsds"})  # written before the field
+
+
 def test_reranked_ranks_hand_made():
   # 2 captions, 4 images; caption 0's image is 2, caption 1's image is 3.
   scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.6]], np.float32)

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsds_jax import pec
 from jsds_jax import sharding
 from jsds_jax import tail_outputs
 from jsds_jax.data import feature_cache
@@ -31,7 +30,7 @@ class Evaluator:
   `scores.retrieval`.
 
   Args:
-    module: the `JSDSTail`.
+    module: the `JSDSTail` (with `own_caption_terms` it restricts the captions itself).
     cache_dir: the split's feature cache.
     mesh: a mesh with a 'data' axis (default: all local devices).
     w1, w2: the integrated score's weights, S_int = w1·S_d + w2·S_s.
@@ -47,8 +46,7 @@ class Evaluator:
   def __init__(self, module: jsds.JSDSTail, cache_dir: str | os.PathLike,
                mesh: jax.sharding.Mesh | None = None, w1: float = 0.1, w2: float = 0.1,
                block: int = 1024, compiler_options: dict | None = None,
-               integrated: str = "cosine", vocab: Sequence[str] | None = None,
-               own_caption_terms: bool = False):
+               integrated: str = "cosine", vocab: Sequence[str] | None = None):
     self.mesh = mesh or sharding.local_data_mesh()
     split = feature_cache.load_split(cache_dir, mmap=True)
     self.meta = split["meta"]
@@ -56,14 +54,8 @@ class Evaluator:
     # Pooled caches are read whole; token states (last_block) stay memory-mapped.
     self.h_img, self.h_txt = (x if np.ndim(x) == 3 else np.asarray(x, np.float32)
                               for x in (inputs["image"][0], inputs["text"][0]))
+    # A text last block and `module.own_caption_terms` read the captions' token ids.
     self.token_ids = inputs["text"][1]
-    # model.own_caption_terms: each caption's vector restricted to its own tokens.
-    self.own_ids = None
-    if own_caption_terms:
-      if feature_cache.TOKEN_IDS not in split:
-        raise feature_cache.CacheError(f"feature cache '{cache_dir}' has no caption token ids, "
-                                       "which model.own_caption_terms needs (run encode)")
-      self.own_ids = np.asarray(split[feature_cache.TOKEN_IDS])
     self.caption_image_index = np.asarray(split["caption_image_index"], np.int64)
     self.integrated = scores_lib.check_integrated(integrated)
     # Lexical metrics need the term strings and every caption's token ids.
@@ -84,11 +76,9 @@ class Evaluator:
     jit = lambda f: jax.jit(f, compiler_options=compiler_options)
 
     def encoder(method):
-      def encode(params, h, ids, own_ids, n_valid):
+      def encode(params, h, ids, n_valid):
         args = (h,) if ids is None else (h, ids)
         e, z = module.apply({"params": params}, *args, method=method)
-        if own_ids is not None:
-          z = pec.own_terms(z, own_ids)
         # Per term, how many of the block's real rows use it (for FLOPs), counted on the
         # devices so that the (block, V) vectors never travel to the host.
         valid = (jnp.arange(h.shape[0]) < n_valid)[:, None]
@@ -122,9 +112,7 @@ class Evaluator:
       x = jax.device_put(sharding.pad_rows(chunk, self.block), self._rows)
       put_ids = lambda t: (None if t is None else jax.device_put(
           sharding.pad_rows(t[start:start + self.block], self.block, fill=-1), self._rows))
-      own = self.own_ids if kind == "text" else None
-      yield (chunk.shape[0], *self._encode[kind](params, x, put_ids(token_ids), put_ids(own),
-                                                 chunk.shape[0]))
+      yield (chunk.shape[0], *self._encode[kind](params, x, put_ids(token_ids), chunk.shape[0]))
 
   def __call__(self, params) -> dict[str, Any]:
     """Metrics of `params` on the split.

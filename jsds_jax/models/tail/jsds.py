@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsds_jax import pec
 from jsds_jax.models.trunk import convert
 from jsds_jax.models.tail import dense_tail as dense_tail_lib
 from jsds_jax.models.tail import sparse_head as sparse_head_lib
@@ -68,6 +69,9 @@ class JSDSTail(nn.Module):
     image_block, text_block: the "last_block" variant (`last_block.block_for(tower)`): a
       trainable last transformer block that turns cached token states into h first; None
       (the default) reads cached pooled h directly.
+    own_caption_terms: each caption's sparse vector z_t keeps only its own tokens' entries
+      (config `model.own_caption_terms`, `caption_terms`); the text side then needs the
+      captions' token ids. Training, validation, eval and search all go through here.
   """
 
   embed_dim: int
@@ -81,11 +85,12 @@ class JSDSTail(nn.Module):
   dtype: Any = jnp.float32
   image_block: Optional[nn.Module] = None
   text_block: Optional[nn.Module] = None
+  own_caption_terms: bool = False
 
   @classmethod
   def from_params(cls, params: Mapping[str, Any], *, image_block: Optional[nn.Module] = None,
                   text_block: Optional[nn.Module] = None, dtype: Any = jnp.float32,
-                  ) -> "JSDSTail":
+                  own_caption_terms: bool = False) -> "JSDSTail":
     """The tail that `params` belong to, its sizes read from their shapes.
 
     The one place a tail is rebuilt from trained params (checkpoints, the search bundle,
@@ -98,6 +103,7 @@ class JSDSTail(nn.Module):
       image_block, text_block: the block modules (`last_block.block_for(tower)`); required
         exactly for the sides whose block `params` hold.
       dtype: computation dtype.
+      own_caption_terms: the config's `model.own_caption_terms` (params do not record it).
 
     Raises:
       ValueError: `params` hold a trained block whose module is not given, or the reverse.
@@ -114,7 +120,7 @@ class JSDSTail(nn.Module):
     return cls(embed_dim=int(embed_dim), vocab_size=int(vocab_size), word_dim=int(word_dim),
                use_bias="bias" in params["image_tail"]["proj"],
                use_vocab_bias="vocab_bias" in head, dtype=dtype, image_block=image_block,
-               text_block=text_block)
+               text_block=text_block, own_caption_terms=bool(own_caption_terms))
 
   def setup(self):
     self.image_tail = _dense_tail(self)
@@ -140,6 +146,24 @@ class JSDSTail(nn.Module):
       raise ValueError("the last_block text tail needs the captions' token ids")
     return self.text_block(h, token_ids)
 
+  def caption_terms(self, z_t: jax.Array,
+                    token_ids: Optional[jax.Array] = None) -> jax.Array:
+    """z_t (B, V) restricted to each caption's own tokens with `own_caption_terms`
+    (`pec.own_terms`); z_t unchanged without.
+
+    Args:
+      z_t: (B, V) caption term weights. token_ids: (B, L) their token ids, -1 at padding.
+
+    Raises:
+      ValueError: `own_caption_terms` and no token ids.
+    """
+    if not self.own_caption_terms:
+      return z_t
+    if token_ids is None:
+      raise ValueError("model.own_caption_terms keeps only each caption's own tokens: the tail "
+                       "needs the captions' token ids")
+    return pec.own_terms(z_t, token_ids)
+
   def encode_image(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Args: h (B, D_img) cached image features (token states with `image_block`).
     Returns: e (B, P) unit-norm, z (B, V) >= 0."""
@@ -148,10 +172,11 @@ class JSDSTail(nn.Module):
 
   def encode_text(self, h: jax.Array,
                   token_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """Args: h (B, D_txt) cached caption features (token states and ids with `text_block`).
-    Returns: e (B, P) unit-norm, z (B, V) >= 0."""
+    """Args: h (B, D_txt) cached caption features (token states with `text_block`);
+    token_ids (B, L_t), -1 at padding, with `text_block` or `own_caption_terms`.
+    Returns: e (B, P) unit-norm, z (B, V) >= 0 (`caption_terms`)."""
     e = self.text_tail(self.pooled_text(h, token_ids))
-    return e, self.sparse_head(e)
+    return e, self.caption_terms(self.sparse_head(e), token_ids)
 
   def __call__(self, h_img: jax.Array, h_txt: jax.Array,
                token_ids: Optional[jax.Array] = None) -> dict[str, jax.Array]:
@@ -160,26 +185,30 @@ class JSDSTail(nn.Module):
     Args:
       h_img: (B_i, D_img) image features ((B_i, L_i, D_img) token states with `image_block`).
       h_txt: (B_t, D_txt) caption features ((B_t, L_t, D_txt) with `text_block`).
-      token_ids: (B_t, L_t) caption token ids, -1 at padding; only with `text_block`.
+      token_ids: (B_t, L_t) caption token ids, -1 at padding; with `text_block` or
+        `own_caption_terms`.
 
     Returns:
       {"e_i": (B_i, P), "z_i": (B_i, V), "e_t": (B_t, P), "z_t": (B_t, V), "tau": () clamped}.
     """
     e_i = self.image_tail(self.pooled_image(h_img))
     e_t = self.text_tail(self.pooled_text(h_txt, token_ids))
-    z_i, z_t = self.sparse_terms(e_i, e_t)
+    z_i, z_t = self.sparse_terms(e_i, e_t, token_ids)
     return dict(e_i=e_i, z_i=z_i, e_t=e_t, z_t=z_t, tau=self.temperature())
 
-  def sparse_terms_and_logits(self, e_i: jax.Array, e_t: jax.Array) -> dict[str, jax.Array]:
-    """`sparse_terms` plus the head's logits (for a loss on them; see `SparseHead`).
+  def sparse_terms_and_logits(self, e_i: jax.Array, e_t: jax.Array,
+                              token_ids: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """`sparse_terms` plus the head's logits (for a loss on them; see `SparseHead`); the
+    logits are never restricted, z_t is as in `sparse_terms`.
 
     Returns:
       {"z_i": (B_i, V), "z_t": (B_t, V), "l_i": (B_i, V), "l_t": (B_t, V)}.
     """
     (z_i, l_i), (z_t, l_t) = self.sparse_head((e_i, e_t), with_logits=True)
-    return dict(z_i=z_i, z_t=z_t, l_i=l_i, l_t=l_t)
+    return dict(z_i=z_i, z_t=self.caption_terms(z_t, token_ids), l_i=l_i, l_t=l_t)
 
-  def sparse_terms(self, e_i: jax.Array, e_t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def sparse_terms(self, e_i: jax.Array, e_t: jax.Array,
+                   token_ids: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """The shared sparse head on both modalities at once.
 
     One call of the head on both batches: its gradient with respect to E (and c) is then one
@@ -187,11 +216,13 @@ class JSDSTail(nn.Module):
 
     Args:
       e_i: (B_i, P) image embeddings. e_t: (B_t, P) caption embeddings.
+      token_ids: (B_t, L_t) the captions' token ids, -1 at padding; with `own_caption_terms`.
 
     Returns:
-      z_i (B_i, V), z_t (B_t, V).
+      z_i (B_i, V), z_t (B_t, V) (`caption_terms`).
     """
-    return self.sparse_head((e_i, e_t))
+    z_i, z_t = self.sparse_head((e_i, e_t))
+    return z_i, self.caption_terms(z_t, token_ids)
 
 
 def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: int,
@@ -237,7 +268,8 @@ def init_jsds_tail(rng: jax.Array, module: JSDSTail, image_dim: int, text_dim: i
   # Token inputs (length 2) where a block reads them, pooled vectors otherwise.
   h_img = jnp.zeros((1, 2, image_dim) if module.image_block else (1, image_dim), jnp.float32)
   h_txt = jnp.zeros((1, 2, text_dim) if module.text_block else (1, text_dim), jnp.float32)
-  ids = jnp.zeros((1, 2), jnp.int32) if module.text_block else None
+  ids = (jnp.zeros((1, 2), jnp.int32) if module.text_block or module.own_caption_terms
+         else None)
   reference = jax.eval_shape(module.init, rng, h_img, h_txt, ids)["params"]
   convert.assert_same_structure(params, reference, "JSDSTail params")
   return params

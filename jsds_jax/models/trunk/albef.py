@@ -6,8 +6,14 @@ ALBEF scores retrieval candidates with two unimodal towers (ITC):
   text:  text_encoder(ids, mask, mode="text")[:, 0] -> text_proj
 
 where "text" mode runs only the first `fusion_layer` (6 of 12) BERT layers; the later layers
-hold cross-attention and serve the fusion (ITM) path, which we do not convert. The checkpoint
-also carries momentum copies (`*_m`), queues, `temp` and the ITM head, all left out on purpose.
+hold cross-attention and serve the fusion (ITM) path. `load_albef` converts the towers only;
+`load_albef_itm` also converts the fusion path and `itm_head` into a `blip_itm.BlipItm`
+configured for ALBEF (cross-attention from layer `fusion_layer` on, first token [CLS]), the
+cross-encoder of ALBEF's retrieval eval (LAVIS `albef_models.compute_sim_matrix`: the text
+encoder in its default "multimodal" mode, all 12 layers, over the image's final token states;
+score = itm_head(...)[:, 1] + ITC similarity over the ITC top `k_test`, 128 on COCO). The
+checkpoint also carries momentum copies (`*_m`), queues and `temp`: training state, left out
+on purpose (and the ITM head and fusion layers by `load_albef`).
 
 Layouts: the visual encoder uses timm's names (`visual_encoder.blocks.N.attn.qkv`, `norm`); the
 text encoder sits under `text_encoder.bert.` (pretraining checkpoints, `BertForMaskedLM`) or
@@ -25,11 +31,13 @@ import pathlib
 import re
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jsds_jax.models.trunk import bert
 from jsds_jax.models.trunk import blip
+from jsds_jax.models.trunk import blip_itm
 from jsds_jax.models.trunk import convert
 from jsds_jax.models.trunk import vit
 from jsds_jax.models.trunk import weights
@@ -107,14 +115,25 @@ def infer_albef_config(state_dict: Mapping[str, Any], vision_heads: int = 12,
                      text_prefix=prefix)
 
 
+# Training state of an ALBEF checkpoint that no tower or cross-encoder reads.
+_TRAINING_STATE = [
+    r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.",  # Momentum copies.
+    r"^(image_queue|text_queue|idx_queue|queue_ptr|temp)$",
+    r"^text_encoder\.cls\.",  # Pretraining's MLM head.
+]
+
+
 def albef_ignore_patterns(config: AlbefConfig) -> list[str]:
   """Tensors of an ALBEF checkpoint the unimodal towers do not use."""
-  return [
-      r"^(visual_encoder_m|text_encoder_m|vision_proj_m|text_proj_m)\.",  # Momentum copies.
-      r"^(image_queue|text_queue|idx_queue|queue_ptr|temp)$",
-      r"^itm_head\.",
-      r"^text_encoder\.cls\.",  # Pretraining's MLM head.
-  ] + bert.bert_ignore_patterns(config.text_prefix, config.text, config.text_layers)
+  return _TRAINING_STATE + [r"^itm_head\."] + bert.bert_ignore_patterns(
+      config.text_prefix, config.text, config.text_layers)
+
+
+def albef_itm_ignore_patterns(config: AlbefConfig) -> list[str]:
+  """Tensors of an ALBEF checkpoint that the towers with the cross-encoder do not use: the
+  training state and BERT's buffers and pooler, nothing of the fusion path."""
+  return _TRAINING_STATE + bert.bert_ignore_patterns(config.text_prefix, config.text,
+                                                     cross_attention=True)
 
 
 def convert_albef(state_dict: Mapping[str, Any], config: AlbefConfig,
@@ -141,6 +160,79 @@ def convert_albef(state_dict: Mapping[str, Any], config: AlbefConfig,
   return out
 
 
+def has_itm_weights(state_dict: Mapping[str, Any], config: AlbefConfig) -> bool:
+  """Whether an ALBEF state dict holds `itm_head` and the fusion layers' cross-attention."""
+  prefix = f"{config.text_prefix}encoder.layer."
+  return "itm_head.weight" in state_dict and any(
+      k.startswith(prefix) and ".crossattention." in k for k in state_dict)
+
+
+def itm_module(config: AlbefConfig, dtype: Any = jnp.float32,
+               attention_impl: Optional[str] = None) -> blip_itm.BlipItm:
+  """ALBEF's cross-encoder: `BlipItm` with cross-attention from layer `fusion_layer` on and the
+  tokenizer's [CLS] first (ALBEF has no [ENC] token)."""
+  return blip_itm.BlipItm(config.text, enc_token_id=None, dtype=dtype,
+                          attention_impl=attention_impl,
+                          cross_attention_from=config.text_layers)
+
+
+def convert_albef_itm(state_dict: Mapping[str, Any], config: AlbefConfig,
+                      source: str = "ALBEF state dict") -> dict:
+  """A whole ALBEF / LAVIS retrieval checkpoint -> the towers and the ITM cross-encoder.
+
+  One reader over the checkpoint: every tensor but the training state (momentum copies,
+  queues, `temp`, an MLM head) and BERT's buffers is read, and every param filled, or this
+  raises.
+
+  Returns:
+    {"vision", "vision_proj", "text_proj", "word_embeddings"} as `convert_albef`, and "itm":
+    `itm_module(config)`'s params {"text": all `config.text.num_layers` layers, those from
+    `text_layers` on with cross-attention, "itm_head": {"kernel": (D_t, 2), "bias": (2,)}}.
+    The unimodal text tower's params are `unimodal_text_params(out["itm"], config)`.
+
+  Raises:
+    convert.ConversionError: no ITM head or no fusion cross-attention (e.g. a towers-only
+      export), or a tensor missing, unused or of the wrong shape.
+  """
+  if not has_itm_weights(state_dict, config):
+    raise convert.ConversionError(
+        f"{source}: no ITM weights (itm_head.* and {config.text_prefix}encoder.layer.*."
+        "crossattention.*); the cross-encoder stage needs an ALBEF retrieval checkpoint such "
+        "as LAVIS' albef_coco_retrieval_lavis.pt, or turn the stage off")
+  reader = convert.StateDictReader(state_dict, source=source,
+                                   ignore=albef_itm_ignore_patterns(config))
+  text = bert.convert_bert(reader, config.text, prefix=config.text_prefix, source=source,
+                           context_width=config.vision.hidden_size,
+                           cross_attention_from=config.text_layers)
+  out = {
+      "vision": vit.convert_vit(reader, config.vision, layout="timm", prefix=_VISION_PREFIX,
+                                source=source),
+      "vision_proj": reader.dense("vision_proj"),
+      "text_proj": reader.dense("text_proj"),
+      "itm": {"text": text, "itm_head": reader.dense("itm_head")},
+  }
+  reader.assert_all_used()
+  head = out["itm"]["itm_head"]["kernel"].shape
+  if head != (config.text.hidden_size, 2):
+    raise convert.ConversionError(f"{source}: itm_head kernel {head}, expected "
+                                  f"{(config.text.hidden_size, 2)}")
+  ids = jnp.zeros((1, 2), jnp.int32)
+  image = jnp.zeros((1, 1, config.vision.hidden_size), jnp.float32)
+  ref = jax.eval_shape(itm_module(config).init, jax.random.key(0), ids, ids, image)["params"]
+  convert.assert_same_structure(out["itm"], ref, source)
+  out["word_embeddings"] = bert.word_embeddings(state_dict, config.text_prefix)
+  return out
+
+
+def unimodal_text_params(itm_params: Mapping[str, Any], config: AlbefConfig) -> dict:
+  """The text tower's params ("text" mode: `BertEncoder(num_layers_used=text_layers)`) inside
+  the cross-encoder's: the embeddings and the first `text_layers` layers (which hold no
+  cross-attention), the same tensors."""
+  text = itm_params["text"]
+  later = {f"layer_{i}" for i in range(config.text_layers, config.text.num_layers)}
+  return {name: sub for name, sub in text.items() if name not in later}
+
+
 @dataclasses.dataclass(frozen=True)
 class Albef(blip.Blip):
   """A loaded ALBEF checkpoint: `blip.Blip`'s fields, with an `AlbefConfig`."""
@@ -163,19 +255,9 @@ def _weight_file(path: pathlib.Path) -> pathlib.Path:
   return found[0]
 
 
-def load_albef(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
-               attention_impl: Optional[str] = None, vision_heads: int = 12,
-               text_heads: Optional[int] = None) -> Albef:
-  """Loads ALBEF's unimodal towers.
-
-  Args:
-    checkpoint: the `.pth` file, or a directory holding exactly one weights file and
-      optionally ALBEF's `config_bert.json` and tokenizer files.
-    dtype: computation dtype of both towers.
-    attention_impl: `jax.nn.dot_product_attention` implementation for both towers.
-    vision_heads: the ViT's attention heads (12 for ALBEF's ViT-B/16).
-    text_heads: BERT's attention heads; None = `config_bert.json`'s, else 12.
-  """
+def _read(checkpoint: str | os.PathLike, vision_heads: int, text_heads: Optional[int]
+          ) -> tuple[pathlib.Path, dict, AlbefConfig, Any]:
+  """(weights file, state dict, config, tokenizer or None) of an ALBEF checkpoint."""
   path = pathlib.Path(os.path.expanduser(os.fspath(checkpoint)))
   weight_file = _weight_file(path)
   directory = weight_file.parent
@@ -192,11 +274,15 @@ def load_albef(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
   config = infer_albef_config(state_dict, vision_heads=vision_heads,
                               text_heads=12 if text_heads is None else text_heads,
                               fusion_layer=fusion_layer, text_layer_norm_eps=eps)
-  converted = convert_albef(state_dict, config, source=str(weight_file))
   tokenizer = None
   if any((directory / f).exists() for f in _TOKENIZER_FILES):
     import transformers  # pylint: disable=g-import-not-at-top
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+  return weight_file, state_dict, config, tokenizer
+
+
+def _towers(config: AlbefConfig, converted: Mapping[str, Any], text_params: Mapping[str, Any],
+            tokenizer: Any, dtype: Any, attention_impl: Optional[str]) -> "Albef":
   return Albef(
       config=config,
       vision_tower=vit.VisionTransformer(config.vision, dtype=dtype,
@@ -205,7 +291,7 @@ def load_albef(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
       text_tower=bert.BertEncoder(config.text, pooling="cls",
                                   num_layers_used=config.text_layers, dtype=dtype,
                                   attention_impl=attention_impl),
-      text_params=converted["text"],
+      text_params=text_params,
       vision_proj=converted["vision_proj"],
       text_proj=converted["text_proj"],
       word_embeddings=converted["word_embeddings"],
@@ -213,3 +299,41 @@ def load_albef(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
       image_mean=ALBEF_IMAGE_MEAN,
       image_std=ALBEF_IMAGE_STD,
       tokenizer=tokenizer)
+
+
+def load_albef(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
+               attention_impl: Optional[str] = None, vision_heads: int = 12,
+               text_heads: Optional[int] = None) -> Albef:
+  """Loads ALBEF's unimodal towers.
+
+  Args:
+    checkpoint: the `.pth` file, or a directory holding exactly one weights file and
+      optionally ALBEF's `config_bert.json` and tokenizer files.
+    dtype: computation dtype of both towers.
+    attention_impl: `jax.nn.dot_product_attention` implementation for both towers.
+    vision_heads: the ViT's attention heads (12 for ALBEF's ViT-B/16).
+    text_heads: BERT's attention heads; None = `config_bert.json`'s, else 12.
+  """
+  weight_file, state_dict, config, tokenizer = _read(checkpoint, vision_heads, text_heads)
+  converted = convert_albef(state_dict, config, source=str(weight_file))
+  return _towers(config, converted, converted["text"], tokenizer, dtype, attention_impl)
+
+
+def load_albef_itm(checkpoint: str | os.PathLike, dtype: Any = jnp.float32,
+                   attention_impl: Optional[str] = None, vision_heads: int = 12,
+                   text_heads: Optional[int] = None) -> blip_itm.BlipWithItm:
+  """Loads ALBEF's towers and ITM cross-encoder (arguments as `load_albef`).
+
+  Returns:
+    `BlipWithItm(towers, itm=itm_module(config), itm_params)`; score pairs with
+    `itm.apply({"params": itm_params}, ids, mask, image_tokens)` as BLIP's.
+
+  Raises:
+    convert.ConversionError: the checkpoint has no ITM weights (`convert_albef_itm`).
+  """
+  weight_file, state_dict, config, tokenizer = _read(checkpoint, vision_heads, text_heads)
+  converted = convert_albef_itm(state_dict, config, source=str(weight_file))
+  towers = _towers(config, converted, unimodal_text_params(converted["itm"], config), tokenizer,
+                   dtype, attention_impl)
+  return blip_itm.BlipWithItm(towers=towers, itm=itm_module(config, dtype, attention_impl),
+                              itm_params=converted["itm"])

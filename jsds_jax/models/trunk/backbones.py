@@ -138,6 +138,36 @@ def load_backbone(config: ml_collections.ConfigDict) -> Backbone:
   return backbone
 
 
+# Backbones whose checkpoints carry an ITM cross-encoder (`load_cross_encoder`).
+CROSS_ENCODERS = ("blip", "albef")
+
+
+def load_cross_encoder(config: ml_collections.ConfigDict) -> Any:
+  """The ITM cross-encoder of the backbone's checkpoint: BLIP's (`blip_itm.load_blip_itm`,
+  [ENC] first, every layer cross-attends) or ALBEF's (`albef.load_albef_itm`, [CLS] first,
+  cross-attention in the fusion layers).
+
+  Args:
+    config: the `backbone` section (name, checkpoint).
+
+  Returns:
+    `blip_itm.BlipWithItm`: `.itm` the module, `.itm_params` its params.
+
+  Raises:
+    ValueError: the backbone has no cross-encoder, or no checkpoint is set.
+    convert.ConversionError: the checkpoint holds no ITM weights.
+  """
+  if config.name not in CROSS_ENCODERS:
+    raise ValueError(f"the cross-encoder stage needs a backbone with an ITM head "
+                     f"({' or '.join(CROSS_ENCODERS)}), not {config.name!r}")
+  checkpoint = _require_checkpoint(config)
+  if config.name == "blip":
+    from jsds_jax.models.trunk import blip_itm  # pylint: disable=g-import-not-at-top
+    return blip_itm.load_blip_itm(checkpoint)
+  from jsds_jax.models.trunk import albef  # pylint: disable=g-import-not-at-top
+  return albef.load_albef_itm(checkpoint)
+
+
 def _load_lit(config) -> Backbone:
   """MiniLM (mean-pooled, 384-d) + EfficientNet-Lite0 (1280-d), no projections."""
   from jsds_jax.models.trunk import bert  # pylint: disable=g-import-not-at-top

@@ -164,8 +164,11 @@ class BertEncoder(nn.Module):
       Only those layers have params.
     dtype: computation dtype; params stay float32.
     attention_impl: `jax.nn.dot_product_attention` implementation (None/"xla" or "cudnn").
-    cross_attention: every layer also attends to `context` (BLIP's text encoder in multimodal
+    cross_attention: layers also attend to `context` (BLIP's text encoder in multimodal
       mode, the ITM cross-encoder); False is the unimodal tower.
+    cross_attention_from: with `cross_attention`, the first layer that has it: 0 for BLIP
+      (every layer), ALBEF's `fusion_layer` (6) for its fusion path, whose earlier layers
+      are the text-only ones.
   """
 
   config: BertConfig
@@ -174,6 +177,7 @@ class BertEncoder(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   cross_attention: bool = False
+  cross_attention_from: int = 0
 
   @property
   def depth(self) -> int:
@@ -222,15 +226,19 @@ class BertEncoder(nn.Module):
     mask = (attention_mask > 0)[:, None, None, :]
     if (context is not None) != self.cross_attention:
       raise ValueError("context states are given exactly when cross_attention=True")
+    if self.cross_attention and not 0 <= self.cross_attention_from < self.depth:
+      raise ValueError(f"cross_attention_from={self.cross_attention_from} must be in "
+                       f"[0, {self.depth}): no layer would cross-attend")
     if context_mask is not None:
       context_mask = jnp.broadcast_to((context_mask > 0)[:, None, None, :],
                                       (x.shape[0], 1, 1, context_mask.shape[-1]))
     last_block_input = x
     for i in range(self.depth):
       last_block_input = x
+      cross = self.cross_attention and i >= self.cross_attention_from
       x = BertLayer(cfg, dtype=self.dtype, attention_impl=self.attention_impl,
-                    cross_attention=self.cross_attention, name=f"layer_{i}")(
-                        x, mask, context, context_mask)
+                    cross_attention=cross, name=f"layer_{i}")(
+                        x, mask, context if cross else None, context_mask if cross else None)
 
     if self.pooling == "cls":
       pooled = x[:, 0]
@@ -277,7 +285,8 @@ def bert_ignore_patterns(prefix: str, config: BertConfig,
 
 def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictReader,
                  config: BertConfig, prefix: str = "", num_layers_used: Optional[int] = None,
-                 source: str = "BERT state dict", context_width: Optional[int] = None) -> dict:
+                 source: str = "BERT state dict", context_width: Optional[int] = None,
+                 cross_attention_from: int = 0) -> dict:
   """Hugging Face `BertModel` tensors -> `BertEncoder` params.
 
   Args:
@@ -292,10 +301,13 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
     source: name for error messages.
     context_width: D_c, to also convert every layer's cross-attention (`crossattention.*`,
       whose keys and values read D_c-wide context states); None = the unimodal tower.
+    cross_attention_from: with `context_width`, the first layer holding cross-attention (0 for
+      BLIP, ALBEF's `fusion_layer`); earlier layers are read without it.
 
   Returns:
     The params tree of `BertEncoder(config, num_layers_used=num_layers_used,
-    cross_attention=context_width is not None)` (what goes under "params"), float32 numpy.
+    cross_attention=context_width is not None, cross_attention_from=cross_attention_from)`
+    (what goes under "params"), float32 numpy.
   """
   cross = context_width is not None
   if isinstance(state_dict_or_reader, convert.StateDictReader):
@@ -315,7 +327,8 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
   }
   if config.type_vocab_size:
     params["token_type_embeddings"] = reader.embedding(f"{e}token_type_embeddings")
-  module = BertEncoder(config, num_layers_used=num_layers_used, cross_attention=cross)
+  module = BertEncoder(config, num_layers_used=num_layers_used, cross_attention=cross,
+                       cross_attention_from=cross_attention_from if cross else 0)
   for i in range(module.depth):
     l = f"{prefix}encoder.layer.{i}."
     params[f"layer_{i}"] = {
@@ -328,7 +341,7 @@ def convert_bert(state_dict_or_reader: Mapping[str, Any] | convert.StateDictRead
         "output": reader.dense(f"{l}output.dense"),
         "output_norm": reader.layer_norm(f"{l}output.LayerNorm"),
     }
-    if cross:
+    if cross and i >= cross_attention_from:
       c = f"{l}crossattention."
       params[f"layer_{i}"].update({
           "cross_query": reader.dense(f"{c}self.query"),

@@ -54,12 +54,17 @@ class BlipItm(nn.Module):
       `[ENC]`); None keeps the tokenizer's first token, as Hugging Face does.
     dtype: computation dtype; params stay float32, logits come back float32.
     attention_impl: `jax.nn.dot_product_attention` implementation (None/"xla" or "cudnn").
+    cross_attention_from: the first layer that cross-attends to the image: 0 for BLIP (every
+      layer); ALBEF's `fusion_layer` (6) for ALBEF's ITM (`albef.load_albef_itm`), whose
+      first layers are its text-only ones and whose first token stays [CLS]
+      (enc_token_id=None).
   """
 
   config: bert.BertConfig
   enc_token_id: Optional[int] = BLIP_ENC_TOKEN_ID
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  cross_attention_from: int = 0
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, image_tokens: jax.Array,
@@ -83,7 +88,7 @@ class BlipItm(nn.Module):
       input_ids = jnp.asarray(input_ids).at[:, 0].set(self.enc_token_id)
     states = bert.BertEncoder(self.config, pooling="cls", dtype=self.dtype,
                               attention_impl=self.attention_impl, cross_attention=True,
-                              name="text")(input_ids, attention_mask, None, image_tokens,
+                              cross_attention_from=self.cross_attention_from, name="text")(input_ids, attention_mask, None, image_tokens,
                                            image_mask)
     logits = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32, name="itm_head")(
         states.pooled)
