@@ -7,7 +7,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+import testing_utils  # pylint: disable=wrong-import-position  (tests/testing_utils.py: no jax)
+
+os.environ.setdefault("XLA_FLAGS", testing_utils.xla_flags(4))
 # One persistent XLA compilation cache for the whole run: both xdist workers (they inherit this
 # environment) and every JAX subprocess a test starts (`testing_utils.jax_subprocess_env`). Many
 # tests build the same tiny train step or tower; each is compiled once per run, not once per

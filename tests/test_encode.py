@@ -234,7 +234,7 @@ def test_sigkill_then_rerun_gives_identical_cache(tmp_path):
 
   overrides = [f"--config.data.cache_dir={tmp_path / 'data'}", "--config.data.num_images=160",
                "--config.data.splits=('train',)", "--config.encode.chunk_size=8"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=testing_utils.xla_flags(1))
   cmd = [sys.executable, "-m", "jsds_jax.encode", f"--config={_ROOT / 'configs' / 'tiny.py'}"]
   killed = tmp_path / "killed"
   proc = subprocess.Popen(cmd + overrides + [f"--config.encode.cache_root={killed}"], env=env,

@@ -322,7 +322,7 @@ def test_eval_and_search_binaries(trained_run, tmp_path):
   config, workdir = trained_run
   # The run's persistent compilation cache (conftest.py) is in the environment: the search
   # binary reuses the tiny backbone's compiled programs instead of compiling them again.
-  env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(__import__("os").environ, XLA_FLAGS=testing_utils.xla_flags(1))
   overrides = [f"--config.data.cache_dir={config.data.cache_dir}",
                f"--config.encode.cache_root={config.encode.cache_root}",
                "--config.data.num_images=100"]

@@ -10,9 +10,12 @@ The README shows each command with the start of its output:
 """
 
 import dataclasses
+import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -79,16 +82,33 @@ def test_readme_shows_search_examples_with_their_output():
   assert all(ex.top_file.endswith(".jpg") for ex in examples)
 
 
+def _readme_main_job() -> list[str]:
+  """The README's first command's main job (`jsds-run ...`) as its arguments."""
+  for line in (testing_utils.REPO / "README.md").read_text().splitlines()[:10]:
+    if "jsds-run" in line:
+      return shlex.split(line.split(".venv/bin/jsds-run", 1)[1])
+  raise AssertionError("README's first lines hold no `.venv/bin/jsds-run ...` command")
+
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_readme_search_examples_return_their_stated_top_hit(tmp_path):
   """The README's first command (the demo main job, a few minutes), then its search examples.
 
-  Without the main job's last stage, the CMC reranker (`cmc.in_main_job`): no example reranks
-  with it, and the tail and index it leaves are the same (test_main.py covers that stage)."""
-  from jsds_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  config = testing_utils.load_config("demo")
-  config.train.progress = False
-  config.cmc.in_main_job = False
-  out = main_lib.run_pipeline(config, tmp_path / "demo")
-  assert mismatches(out["eval_dir"]) == []
+  It runs as a user runs it: its own process, one CPU device, XLA's default flags (not the
+  suite's fake devices and fast-compile flags). Without the main job's last stage, the CMC
+  reranker (`cmc.in_main_job`): no example reranks with it, and the tail and index it leaves are
+  the same (test_main.py covers that stage)."""
+  args = _readme_main_job()
+  assert args[:2] == ["--config", "configs/demo.py"] and args[2] == "--workdir", args
+  workdir = tmp_path / "demo"
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+  env.update(PYTHONPATH=str(testing_utils.REPO), JAX_PLATFORMS="cpu")
+  log = tmp_path / "main.log"
+  with open(log, "w") as f:
+    done = subprocess.run(
+        [sys.executable, "-m", "jsds_jax.main", *args[:2], "--workdir", str(workdir),
+         "--config.cmc.in_main_job=False", "--config.train.progress=False"],
+        env=env, stdout=f, stderr=subprocess.STDOUT, cwd=testing_utils.REPO, timeout=1500)
+  assert done.returncode == 0, testing_utils.log_tail(log)
+  assert mismatches(workdir / "eval") == []

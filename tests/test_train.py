@@ -126,7 +126,7 @@ def _wait_for(predicate, proc, timeout=120):
 
 
 def _spawn(features, workdir):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=testing_utils.xla_flags(4),
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "jsds_jax.train", "--config", str(_ROOT / "configs/tiny.py"),
          "--workdir", str(workdir), *_flags(features)]
