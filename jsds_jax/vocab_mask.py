@@ -80,9 +80,8 @@ def vocabulary(backbone_config: ml_collections.ConfigDict, vocab_size: int) -> l
   from jsds_jax import explain  # pylint: disable=g-import-not-at-top
   from jsds_jax.models.trunk import backbones  # pylint: disable=g-import-not-at-top
   if backbone_config.name in ("lit", "tiny"):
-    import transformers  # pylint: disable=g-import-not-at-top
     from jsds_jax.models.trunk import bert  # pylint: disable=g-import-not-at-top
-    tok = transformers.AutoTokenizer.from_pretrained(str(bert.minilm_dir()))
+    tok = bert.load_tokenizer(bert.minilm_dir())
     names = [f"[{i}]" for i in range(vocab_size)]
     known = min(vocab_size, len(tok))
     names[:known] = [str(t) for t in tok.convert_ids_to_tokens(list(range(known)))]

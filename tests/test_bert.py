@@ -149,3 +149,19 @@ def test_minilm_matches_sentence_transformers_pooling(minilm_dir):
   out = jax.jit(module.apply)({"params": params}, ids, mask)
   np.testing.assert_allclose(out.pooled, ref, atol=TOL, rtol=0)
   np.testing.assert_allclose(out.tokens, tokens.numpy(), atol=TOL, rtol=0)
+
+
+def test_load_tokenizer_is_what_auto_tokenizer_gives(minilm_dir):
+  """`bert.load_tokenizer` names the class (no torch import at a binary's start): the ids,
+  masks and term strings are AutoTokenizer's, padded and cut as `hf_tokenizer_fn` asks."""
+  ours, auto = bert.load_tokenizer(minilm_dir), transformers.AutoTokenizer.from_pretrained(
+      str(minilm_dir))
+  texts = ["A blackbird.", "Ünïcödé café — naïve! ", "", "word " * 200, "[SEP] hi [MASK]",
+           "日本語 テスト", "don't   stop\tthe\nmusic"]
+  for max_len in (8, 32):
+    kw = dict(padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+    got, want = ours(texts, **kw), auto(texts, **kw)
+    for key in ("input_ids", "attention_mask"):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} at {max_len}")
+  ids = list(range(len(auto)))
+  assert len(ours) == len(auto) and ours.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)

