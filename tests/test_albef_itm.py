@@ -11,7 +11,8 @@ JSDS_LAVIS_REF names a folder prepared so:
   pip install --no-deps --target $DIR transformers==4.26.1 tokenizers==0.13.3 \
       huggingface_hub==0.16.4
 
-(torch comes from this environment). Without it that test is skipped; the others always run.
+(torch comes from this environment). Without it the test makes that folder itself, once, under
+~/.cache/jsds_jax/lavis_ref (pip from PyPI, ~10 s).
 """
 
 import os
@@ -265,16 +266,52 @@ np.savez(sys.argv[2], **result)
            V_WIDTH=V_WIDTH, FUSION=FUSION)
 
 
-def test_itm_logits_match_lavis(tmp_path):
-  ref_dir = os.environ.get("JSDS_LAVIS_REF", "")
-  if not ref_dir or not (pathlib.Path(ref_dir) / "lavis" / "models" / "med.py").exists():
-    pytest.skip("LAVIS' med.py reference not set up (JSDS_LAVIS_REF; see the module docstring)")
+_LAVIS_PINS = ("transformers==4.26.1", "tokenizers==0.13.3", "huggingface_hub==0.16.4")
+
+
+@pytest.fixture(scope="module")
+def lavis_ref() -> str:
+  """JSDS_LAVIS_REF, else the folder the module docstring describes, made once (~10 s of pip
+  from PyPI) under ~/.cache/jsds_jax/lavis_ref and moved into place whole."""
+  given = os.environ.get("JSDS_LAVIS_REF", "")
+  if given:
+    return given
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  final = pathlib.Path.home() / ".cache" / "jsds_jax" / "lavis_ref"
+  if (final / "lavis" / "models" / "med.py").exists():
+    return str(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  work = pathlib.Path(tempfile.mkdtemp(prefix="lavis_ref.tmp-", dir=final.parent))
+  pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+  try:
+    for cmd in ([*pip, "download", "salesforce-lavis==1.0.2", "--no-deps", "-d", str(work / "dl")],
+                [*pip, "install", "--no-deps", "--target", str(work / "ref"), *_LAVIS_PINS]):
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+      assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stderr[-2000:]}"
+    (wheel,) = (work / "dl").glob("salesforce_lavis-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+      z.extract("lavis/models/med.py", work / "ref")
+    try:
+      (work / "ref").rename(final)
+    except OSError:  # another worker got there first
+      pass
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return str(final)
+
+
+@pytest.mark.network
+def test_itm_logits_match_lavis(tmp_path, lavis_ref):
+  ref_dir = lavis_ref
   ids, mask, image = _inputs()
   np.savez(tmp_path / "in.npz", ids=ids, mask=mask, image=image)
-  env = dict(os.environ, PYTHONPATH=ref_dir)
-  subprocess.run([sys.executable, "-c", _LAVIS_REFERENCE, str(tmp_path / "in.npz"),
-                  str(tmp_path / "out.npz")], check=True, timeout=300, env=env,
-                 capture_output=True)
+  env = dict(os.environ, PYTHONPATH=ref_dir, JSDS_LAVIS_REF=ref_dir)
+  done = subprocess.run([sys.executable, "-c", _LAVIS_REFERENCE, str(tmp_path / "in.npz"),
+                         str(tmp_path / "out.npz")], timeout=300, env=env, capture_output=True,
+                        text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
   ref = dict(np.load(tmp_path / "out.npz"))
   ref_logits, ref_text = ref.pop("ref_logits"), ref.pop("ref_text")
   # LAVIS' own text encoder and head in our converter, beside random towers.
