@@ -212,14 +212,7 @@ def convert_albef_itm(state_dict: Mapping[str, Any], config: AlbefConfig,
       "itm": {"text": text, "itm_head": reader.dense("itm_head")},
   }
   reader.assert_all_used()
-  head = out["itm"]["itm_head"]["kernel"].shape
-  if head != (config.text.hidden_size, 2):
-    raise convert.ConversionError(f"{source}: itm_head kernel {head}, expected "
-                                  f"{(config.text.hidden_size, 2)}")
-  ids = jnp.zeros((1, 2), jnp.int32)
-  image = jnp.zeros((1, 1, config.vision.hidden_size), jnp.float32)
-  ref = jax.eval_shape(itm_module(config).init, jax.random.key(0), ids, ids, image)["params"]
-  convert.assert_same_structure(out["itm"], ref, source)
+  blip_itm.check_itm_params(out["itm"], itm_module(config), config.vision.hidden_size, source)
   out["word_embeddings"] = bert.word_embeddings(state_dict, config.text_prefix)
   return out
 

@@ -141,16 +141,23 @@ def convert_blip_itm(state_dict: Mapping[str, Any], config: blip.BlipConfig,
       "itm": {"text": text, "itm_head": reader.dense("itm_head")},
   }
   reader.assert_all_used()
-  head = out["itm"]["itm_head"]["kernel"].shape
-  if head != (config.text.hidden_size, 2):
-    raise convert.ConversionError(f"{source}: itm_head kernel {head}, expected "
-                                  f"{(config.text.hidden_size, 2)}")
-  ids = jnp.zeros((1, 2), jnp.int32)
-  image = jnp.zeros((1, 1, config.vision.hidden_size), jnp.float32)
-  ref = jax.eval_shape(BlipItm(config.text, enc_token_id=None).init, jax.random.key(0), ids, ids,
-                       image)["params"]
-  convert.assert_same_structure(out["itm"], ref, source)
+  check_itm_params(out["itm"], BlipItm(config.text, enc_token_id=None),
+                   config.vision.hidden_size, source)
   return out
+
+
+def check_itm_params(itm: Mapping[str, Any], module: BlipItm, image_width: int,
+                     source: str) -> None:
+  """Raises ConversionError unless `itm` (converted {"text", "itm_head"}) has `module`'s param
+  tree and a (hidden, 2) head; `image_width` is the image token states' width."""
+  hidden = module.config.hidden_size
+  head = itm["itm_head"]["kernel"].shape
+  if head != (hidden, 2):
+    raise convert.ConversionError(f"{source}: itm_head kernel {head}, expected {(hidden, 2)}")
+  ids = jnp.zeros((1, 2), jnp.int32)
+  image = jnp.zeros((1, 1, image_width), jnp.float32)
+  ref = jax.eval_shape(module.init, jax.random.key(0), ids, ids, image)["params"]
+  convert.assert_same_structure(itm, ref, source)
 
 
 def unimodal_text_params(itm_params: Mapping[str, Any]) -> dict:
