@@ -178,5 +178,22 @@ def test_corpus_runlocal_is_one_small_source():
   c, small = _load("corpus"), _load("corpus", "runlocal")
   assert (c.data.name, c.data.sources, small.data.sources) == ("corpus", "", "lucide")
   assert small.train.num_epochs < c.train.num_epochs
-  with pytest.raises(ValueError, match="takes runlocal"):
+  with pytest.raises(ValueError, match="takes plain, runlocal"):
     _load("corpus", "run_local")
+
+
+def test_corpus_has_the_lexical_levers_and_plain_drops_them():
+  c, plain = _load("corpus"), _load("corpus", "plain")
+  levers = ("model.vocab_mask", "train.pretrained.lr", "train.pec", "train.loss.bow_image",
+            "train.loss.bow_text", "train.select_max_nnz")
+  demo = _load("demo")
+
+  def get(config, dotted):
+    for key in dotted.split("."):
+      config = config[key]
+    return config
+
+  assert [get(c, k) for k in levers] == [get(demo, k) for k in levers]
+  base = config_base.base_config()
+  assert [get(plain, k) for k in levers] == [get(base, k) for k in levers]
+  assert _load("corpus", "runlocal,plain").data.sources == "lucide"
