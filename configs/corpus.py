@@ -10,7 +10,8 @@ Nothing is fetched but six npm packages (22 MB, `npm pack`) and Debian's
 `tuxpaint-stamps-default` (the demo's pictures, shared with configs/demo.py when data.cache_dir
 is the same). The second command is the cross-source check: train and validate without one
 source, test on that source alone: its val and test pictures, whose concepts no training split
-holds (its features are cached apart, under the selection's name).
+holds (its features are cached apart, under the selection's name: taken from the whole
+corpus's cache when that is finished, encoded otherwise).
 
 Sizes (all sources): ~20,000 training pictures with ~34,000 captions, ~2,500 validation and
 ~2,500 test pictures with ~4,000 captions each. An epoch visits every training picture once
