@@ -11,7 +11,8 @@ Nothing is fetched but six npm packages (22 MB, `npm pack`) and Debian's
 `tuxpaint-stamps-default` (the demo's pictures, shared with configs/demo.py when data.cache_dir
 is the same). The second command is the cross-source check: train and validate without one
 source, test on that source alone: its val and test pictures, whose concepts no training split
-holds (its features are cached apart, under the selection's name). The third trains without
+holds (its features are cached apart, under the selection's name: taken from the whole
+corpus's cache when that is finished, encoded otherwise). The third trains without
 the lexical levers (`plain`, the paper's recipe; README "On the corpus: the levers").
 
 The levers are on by default, as in configs/demo.py: the vocabulary mask `special_punct_stop`,

@@ -9,6 +9,12 @@ each written to disk as soon as it is done, so a killed run picks up at the firs
 and ends with a cache identical to an uninterrupted run (chunk and batch boundaries do not depend
 on where a run started).
 
+A corpus selection (`data.sources` / `data.test_sources` / `data.max_test_images`) holds pictures
+of the whole corpus: when the whole corpus's cache of the same backbone and settings is finished
+and holds every item of a selection's split, that split's cache is gathered from its rows
+(`feature_cache.gather_rows` / `write_gathered`; meta.json's `derived_from` names the donor)
+instead of running the backbone; otherwise it is encoded, and one log line says why.
+
 Several processes (`jax.process_count() > 1`): each chunk's batches are dealt to the processes
 in contiguous runs (process p loads, decodes and encodes only its own rows, on its own devices),
 and the chunk's rows and unreadable-image indices are gathered to every process
@@ -42,6 +48,7 @@ import numpy as np
 import tqdm
 
 import jsds_jax
+from jsds_jax.data import corpus as corpus_lib
 from jsds_jax.data import feature_cache
 from jsds_jax.data import images as images_lib
 from jsds_jax.data import registry
@@ -334,17 +341,9 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
   if settings.dtype != "float32":
     tower = tower.clone(dtype=jnp.dtype(settings.dtype))
   variables = backbone.image_variables if kind == "image" else backbone.text_variables
-  # Token states only from towers with transformer blocks (not `lit`'s EfficientNet side).
-  states = settings.last_block and _has_last_block(tower)
-  tokens = settings.image_tokens and kind == "image"
-  fn = _make_tower_fn(tower, variables, mesh, states, tokens)
-  names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if states else [])
-  if tokens:
-    names.append(IMAGE_TOKENS)
-  if kind == "text" and states:
-    names.append("text_attention_mask")
-  if kind == "text":
-    names.append(feature_cache.TOKEN_IDS)
+  names = _array_names(kind, backbone, settings)
+  fn = _make_tower_fn(tower, variables, mesh, f"{kind}_last_block_input" in names,
+                      IMAGE_TOKENS in names)
 
   # A chunk is done when every file it writes is there (a kill between two renames leaves it
   # to be redone; the image chunks' list of bad images is written last).
@@ -403,6 +402,22 @@ def _encode_modality(kind: str, split: RetrievalSplit, backbone: backbones.Backb
         on_chunk(kind, k)
   bar.close()
   return num_chunks
+
+
+def _array_names(kind: str, backbone: backbones.Backbone,
+                 settings: EncodeSettings) -> list[str]:
+  """The arrays `encode` caches for `kind` ("image" / "text") with these settings."""
+  tower = backbone.image_tower if kind == "image" else backbone.text_tower
+  # Token states only from towers with transformer blocks (not `lit`'s EfficientNet side).
+  states = settings.last_block and _has_last_block(tower)
+  names = [f"{kind}_pooled"] + ([f"{kind}_last_block_input"] if states else [])
+  if settings.image_tokens and kind == "image":
+    names.append(IMAGE_TOKENS)
+  if kind == "text" and states:
+    names.append("text_attention_mask")
+  if kind == "text":
+    names.append(feature_cache.TOKEN_IDS)
+  return names
 
 
 def _has_last_block(tower) -> bool:
@@ -556,26 +571,140 @@ def _finalize(split: RetrievalSplit, backbone, out_dir: pathlib.Path, settings: 
     specs[name] = {"shape": list(arr.shape), "dtype": dtype}
   for k in range(n_img_chunks):
     (out_dir / f"bad_images.part-{k:05d}.json").unlink()
-  meta = {
+  meta = _split_meta(split, backbone, settings, len(image_ids), len(captions), len(bad),
+                     seconds)
+  meta["arrays"] = specs
+  feature_cache.atomic_write_json(out_dir / feature_cache.META, meta)
+  return meta
+
+
+def _split_meta(split: RetrievalSplit, backbone: backbones.Backbone, settings: EncodeSettings,
+                num_images: int, num_captions: int, skipped_images: int,
+                seconds: float) -> dict[str, Any]:
+  """meta.json's fields, but "arrays" (the shapes and dtypes, known once the arrays are)."""
+  return {
       "backbone": backbone.name,
       "weights_hash": backbone.weights_hash,
       "dataset": split.dataset,
       "split": split.split,
-      "num_images": len(image_ids),
-      "num_captions": len(captions),
-      "skipped_images": len(bad),
+      "num_images": num_images,
+      "num_captions": num_captions,
+      "skipped_images": skipped_images,
       "skipped": dict(getattr(split, "skipped", {}) or {}),
       "image_size": backbone.image_size,
       "max_text_len": backbone.max_text_len,
       "dtype": settings.dtype,
       "last_block": settings.last_block,
       "image_tokens": settings.image_tokens,
-      "arrays": specs,
       "encode_seconds": round(seconds, 2),
       "jsds_jax_version": jsds_jax.__version__,
   }
-  feature_cache.atomic_write_json(out_dir / feature_cache.META, meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# A corpus selection's split gathered from the full corpus's cache.
+#
+# A selection's pictures are the full corpus's, so when the full corpus is cached with the same
+# backbone and settings (the same backbone folder), a selection's split is written from its rows
+# instead of running the backbone again (README "Data": ~1,400 s of CPU for a cross-source
+# selection on two cores, against seconds for the gather).
+
+# meta.json fields a donor cache must share with what this run would write.
+_DONOR_FIELDS = ("backbone", "weights_hash", "image_size", "max_text_len", "dtype",
+                 "last_block", "image_tokens")
+
+
+def _full_corpus(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The data config of the whole corpus a corpus selection comes from; None for anything else
+  (another dataset, or the whole corpus itself)."""
+  if data.name != "corpus":
+    return None
+  full = ml_collections.ConfigDict({**data.to_dict(), "sources": "", "test_sources": "",
+                                    "max_test_images": 0})
+  return None if dataset_key(full) == dataset_key(data) else full
+
+
+def _gather_plan(config: ml_collections.ConfigDict, backbone: backbones.Backbone,
+                 split: RetrievalSplit, out_dir: pathlib.Path,
+                 settings: EncodeSettings) -> dict[str, Any] | None:
+  """How to write `split` from the full corpus's cache: {"donors", "names", "image_rows",
+  "caption_rows"}; None (logged why, for a corpus selection) when it must be encoded."""
+  full = _full_corpus(config.data)
+  if full is None:
+    return None
+  donor_root = out_dir.parents[1] / dataset_key(full)
+  donors = [donor_root / s for s in corpus_lib.SPLITS if feature_cache.is_complete(donor_root / s)]
+  names = _array_names("image", backbone, settings) + _array_names("text", backbone, settings)
+  try:
+    if not donors:
+      raise feature_cache.CacheError(f"no finished split of the whole corpus in '{donor_root}'")
+    want = _split_meta(split, backbone, settings, 0, 0, 0, 0.0)
+    donor_items = []
+    for d in donors:
+      meta = json.loads((d / feature_cache.META).read_text())
+      for field in _DONOR_FIELDS:
+        if meta.get(field, False if field == "image_tokens" else None) != want[field]:
+          raise feature_cache.CacheError(f"'{d}' was encoded with {field}="
+                                         f"{meta.get(field)!r}, this run has {want[field]!r}")
+      lacking = [n for n in names if n not in meta["arrays"] and n != feature_cache.TOKEN_IDS]
+      if lacking:
+        raise feature_cache.CacheError(f"'{d}' has no {', '.join(lacking)}")
+      if feature_cache.TOKEN_IDS not in meta["arrays"]:  # added after the gather instead
+        names = [n for n in names if n != feature_cache.TOKEN_IDS]
+      donor_items.append({**json.loads((d / feature_cache.ITEMS).read_text()),
+                          "caption_image_index": np.load(d / "caption_image_index.npy")})
+    image_rows, caption_rows = feature_cache.gather_rows(
+        {"image_ids": split.image_ids, "captions": split.captions,
+         "caption_image_index": split.caption_image_index}, donor_items)
+  except (feature_cache.CacheError, OSError, ValueError, KeyError) as e:
+    logging.info("%s split of %s: encoding it with the backbone, not from the whole corpus's "
+                 "cache: %s", split.split, split.dataset, e)
+    return None
+  return {"donors": donors, "names": names, "image_rows": image_rows,
+          "caption_rows": caption_rows}
+
+
+def _write_gathered(plan: dict[str, Any], split: RetrievalSplit, backbone: backbones.Backbone,
+                    out_dir: pathlib.Path, settings: EncodeSettings) -> dict[str, Any]:
+  """Writes `split`'s cache from the rows `_gather_plan` found; returns its meta."""
+  t0 = time.time()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  feature_cache.remove_stale_temps(out_dir)
+  used = sorted(set(plan["image_rows"][:, 0].tolist()) | set(plan["caption_rows"][:, 0].tolist()))
+  donor_root = plan["donors"][0].parent
+  derived_from = f"{donor_root.name}/{'+'.join(plan['donors'][d].name for d in used)}"
+  meta = _split_meta(split, backbone, settings, split.num_images, split.num_captions, 0, 0.0)
+  meta["derived_from"] = derived_from
+  items = {"image_ids": split.image_ids, "image_sources": split.image_sources,
+           "captions": split.captions, "caption_image_index": split.caption_image_index}
+  meta = feature_cache.write_gathered(out_dir, plan["donors"], plan["names"],
+                                      plan["image_rows"], plan["caption_rows"], items, meta)
+  add_token_ids(out_dir, backbone)  # when the donors were written before token ids were kept
+  for leftover in out_dir.glob("*.part-*"):  # an interrupted encoding's chunks
+    leftover.unlink()
+  logging.info("%s split of %s: %s images / %s captions taken from the cache of %s, no "
+               "backbone run (%.1f s)", split.split, split.dataset, f"{split.num_images:,}",
+               f"{split.num_captions:,}", derived_from, time.time() - t0)
   return meta
+
+
+def _gathered(config: ml_collections.ConfigDict, backbone: backbones.Backbone,
+              split: RetrievalSplit, out_dir: pathlib.Path, settings: EncodeSettings) -> bool:
+  """Writes `split`'s cache from the full corpus's when that holds all of it; whether it did.
+
+  Several processes take this path only together (otherwise some would wait in
+  `encode_split`'s collectives for the others).
+  """
+  if _full_corpus(config.data) is None:  # the same on every process: no collective needed
+    return False
+  plan = _gather_plan(config, backbone, split, out_dir, settings)
+  if not all(_agree([plan is not None], settings)):
+    return False
+  if _writes(settings):
+    _write_gathered(plan, split, backbone, out_dir, settings)
+  if jax.process_count() > 1 and settings.shared_cache:
+    multihost_utils.sync_global_devices(f"jsds encode {split.dataset}/{split.split} gathered")
+  return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,7 +747,8 @@ def encode(config: ml_collections.ConfigDict, *, splits: Sequence[str] | None = 
         multihost_utils.sync_global_devices(f"jsds encode {split_name} token ids")
     else:
       split = loaded.get(split_name) or registry.load_split(config.data, split_name)
-      encode_split(split, backbone, out_dir, settings, progress=progress)
+      if not _gathered(config, backbone, split, out_dir, settings):
+        encode_split(split, backbone, out_dir, settings, progress=progress)
     out[split_name] = out_dir
   return out
 

@@ -30,9 +30,14 @@ as their uint16 bit patterns (numpy has no bf16) and viewed back on load, as met
 While a split is being encoded, finished chunks live as `<name>.part-<k>.npy` and are
 concatenated once all are present; every file is written to a temporary name and renamed, so a
 killed run leaves no half-written file that could be mistaken for a finished one.
+
+A split whose items all sit in other finished caches of the same backbone and settings (a corpus
+selection's, in the full corpus's) is gathered from them instead of encoded: `gather_rows`
+finds each item's row, `write_gathered` writes the split's cache from those rows.
 """
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Mapping, Sequence
 import json
 import os
 import pathlib
@@ -60,6 +65,10 @@ _BF16 = "bfloat16"
 
 class CacheError(ValueError):
   """A feature cache is missing, incomplete, or from another backbone / dataset."""
+
+
+class MissingRowsError(CacheError):
+  """Some items of a split are in none of the caches it was to be gathered from."""
 
 
 def backbone_dir(cache_root: str | os.PathLike, backbone: str, weights_hash: str) -> pathlib.Path:
@@ -178,3 +187,133 @@ def load_tail_init(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not path.exists():
     raise CacheError(f"'{path}' does not exist: encode this backbone first")
   return safetensors.numpy.load_file(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# A split gathered from other splits' caches.
+
+# How many missing items `gather_rows`'s error names before it only counts them.
+_SHOW_MISSING = 3
+
+
+def _caption_keys(items: Mapping[str, Sequence]) -> list[tuple[str, str, int]]:
+  """(image id, caption text, k) of every caption: its k-th caption with that text (so an image
+  captioned twice alike still maps one to one)."""
+  seen: collections.Counter = collections.Counter()
+  keys = []
+  for text, i in zip(items["captions"], items["caption_image_index"]):
+    key = (items["image_ids"][int(i)], text)
+    keys.append((*key, seen[key]))
+    seen[key] += 1
+  return keys
+
+
+def _locate(wanted: Sequence[Any], donor_keys: Sequence[Sequence[Any]]) -> tuple[np.ndarray,
+                                                                                   list[Any]]:
+  """((len(wanted), 2) int64 [donor, row] of each wanted key, -1 where absent; the absent keys)."""
+  where: dict[Any, tuple[int, int]] = {}
+  for d, keys in enumerate(donor_keys):
+    for r, key in enumerate(keys):
+      where.setdefault(key, (d, r))
+  rows = np.asarray([where.get(k, (-1, -1)) for k in wanted], np.int64).reshape(-1, 2)
+  return rows, [k for k, (d, _) in zip(wanted, rows) if d < 0]
+
+
+def gather_rows(items: Mapping[str, Sequence],
+                donors: Sequence[Mapping[str, Sequence]]) -> tuple[np.ndarray, np.ndarray]:
+  """Where each image and caption of a split sits in other splits' caches (`donors`).
+
+  Args:
+    items: the split: {"image_ids": (N_images,) str, "captions": (N_captions,) str,
+      "caption_image_index": (N_captions,) int}.
+    donors: the same for each donor cache (its items.json and caption_image_index.npy).
+
+  Returns:
+    (image_rows (N_images, 2) int64, caption_rows (N_captions, 2) int64): [donor, row] of each
+    image, found by its id, and of each caption, found by its image's id and its text (the
+    first donor that holds an item wins).
+
+  Raises:
+    MissingRowsError: some image or caption is in no donor; the message counts them and names
+      the first few.
+  """
+  image_rows, missing_images = _locate(list(items["image_ids"]),
+                                       [list(d["image_ids"]) for d in donors])
+  caption_rows, missing_captions = _locate(_caption_keys(items),
+                                           [_caption_keys(d) for d in donors])
+  if missing_images or missing_captions:
+    show = lambda keys: ", ".join(map(repr, keys[:_SHOW_MISSING])) + (
+        ", ..." if len(keys) > _SHOW_MISSING else "")
+    raise MissingRowsError(
+        f"{len(missing_images)} of {len(image_rows)} images and {len(missing_captions)} of "
+        f"{len(caption_rows)} captions are in no donor cache"
+        + (f"; images {show(missing_images)}" if missing_images else "")
+        + (f"; captions (image id, text, k) {show(missing_captions)}"
+           if missing_captions else ""))
+  return image_rows, caption_rows
+
+
+def _gather_array(path: pathlib.Path, sources: Sequence[np.ndarray], rows: np.ndarray,
+                  block: int = 4096) -> None:
+  """Writes `sources[d][r]` for each [d, r] of `rows` (N, 2) into the .npy `path`, atomically, a
+  block of rows at a time (the `last_block` arrays are larger than memory)."""
+  with atomic.replacing(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=sources[0].dtype,
+                                    shape=(len(rows),) + sources[0].shape[1:])
+    for start in range(0, len(rows), block):
+      chunk = rows[start:start + block]
+      for d, source in enumerate(sources):
+        picked = np.flatnonzero(chunk[:, 0] == d)
+        if picked.size:
+          out[start + picked] = source[chunk[picked, 1]]
+    out.flush()
+    del out
+
+
+def write_gathered(out_dir: pathlib.Path, donor_dirs: Sequence[pathlib.Path],
+                   names: Sequence[str], image_rows: np.ndarray, caption_rows: np.ndarray,
+                   items: Mapping[str, Sequence], meta: Mapping[str, Any]) -> dict[str, Any]:
+  """Writes a split's cache from rows of finished caches; meta.json last.
+
+  Args:
+    out_dir: the split's cache folder.
+    donor_dirs: the finished caches `image_rows` / `caption_rows` point into.
+    names: the arrays to gather ("image_*" by image row, "text_*" by caption row); every donor
+      must hold them, with the same dtype and row shape.
+    image_rows, caption_rows: (N_images, 2), (N_captions, 2) int64 [donor, row] (`gather_rows`).
+    items: the split's "image_ids", "image_sources", "captions" and "caption_image_index"
+      (N_captions,) int, in its own order.
+    meta: meta.json's fields but "arrays", which is filled in here.
+
+  Returns:
+    The meta written.
+
+  Raises:
+    CacheError: a donor lacks an array, or holds it with another dtype or row shape.
+  """
+  out_dir.mkdir(parents=True, exist_ok=True)
+  donor_metas = [json.loads((d / META).read_text()) for d in donor_dirs]
+  specs = {}
+  for name in names:
+    spec = None
+    for d, m in zip(donor_dirs, donor_metas):
+      got = m["arrays"].get(name)
+      if got is None:
+        raise CacheError(f"'{d}' has no {name} array")
+      spec = spec or got
+      if (got["dtype"], got["shape"][1:]) != (spec["dtype"], spec["shape"][1:]):
+        raise CacheError(f"'{d}' holds {name} as {got['dtype']} rows of {got['shape'][1:]}, "
+                         f"'{donor_dirs[0]}' as {spec['dtype']} rows of {spec['shape'][1:]}")
+    rows = image_rows if name.startswith("image") else caption_rows
+    # Raw .npy contents (bf16 stays its uint16 bit pattern), gathered as stored.
+    _gather_array(out_dir / f"{name}.npy",
+                  [np.load(d / f"{name}.npy", mmap_mode="r") for d in donor_dirs], rows)
+    specs[name] = {"shape": [len(rows)] + spec["shape"][1:], "dtype": spec["dtype"]}
+  index = np.asarray(items["caption_image_index"], np.int64)
+  atomic_save_npy(out_dir / "caption_image_index.npy", index)
+  specs["caption_image_index"] = {"shape": list(index.shape), "dtype": str(index.dtype)}
+  atomic_write_json(out_dir / ITEMS, {k: list(items[k]) for k in
+                                      ("image_ids", "image_sources", "captions")})
+  meta = {**meta, "arrays": specs}
+  atomic_write_json(out_dir / META, meta)
+  return meta
