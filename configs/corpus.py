@@ -51,13 +51,8 @@ def get_config(arg=None):
   c.train.patience = 4               # validations: no early stop within the 8 epochs
   c.train.checkpoint_every = 304     # every 4 epochs
   c.train.keep_checkpoints = 2
-  if not args.plain:                 # the lexical levers (README "On the corpus: the levers")
-    c.model.vocab_mask = "special_punct_stop"
-    c.train.pretrained.lr = 1e-3
-    c.train.pec = True
-    c.train.loss.bow_image = 0.2
-    c.train.loss.bow_text = 0.2
-    c.train.select_max_nnz = 60.0
+  if not args.plain:                 # README "On the corpus: the levers"
+    config_base.lexical_levers(c)
   if args.runlocal:
     c.data.sources = "lucide"        # 1,908 pictures, 6 steps per epoch
     c.train.num_epochs = 2

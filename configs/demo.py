@@ -39,22 +39,12 @@ def get_config(arg=None):
   # The paper's protocol (README "Training"): the main job trains dense_only first (the
   # stand-in for a pretrained dense model, which `lit` lacks) and starts jsds / d2s from it.
   c.train.dense_first = True
-  # Levers for lexical, sparse vectors (issue 16; README "Lexical levers" has the measurements):
-  # no weight on special tokens, punctuation or stopwords; E trained at 1e-3 (at 5e-5 it
-  # barely moves in 450 steps); PEC on the captions. PEC on the images too
-  # (`train.pec_images`) turns the top terms into caption words but leaves ~4,600 non-zeros per
-  # vector, so it stays off. A bag-of-words target on both sides (weight 0.2) makes the top
-  # terms the captions' words (`pattern`, `protested`, `set` in nearly every vector before);
-  # the batch document-frequency penalty (`train.loss.df_weight`) did not add to it.
-  c.model.vocab_mask = "special_punct_stop"
-  c.train.pretrained.lr = 1e-3
-  c.train.pec = True
-  c.train.loss.bow_image = 0.2
-  c.train.loss.bow_text = 0.2
-  # The best checkpoint is chosen among validations within issue 16's sparsity budget (<= 60
-  # non-zeros per caption and image): by R@1 alone one seed kept step 18, before the
-  # bag-of-words target and the regulariser had acted (thousands of non-zeros).
-  c.train.select_max_nnz = 60.0
+  # Levers for lexical, sparse vectors (issue 16; README "Lexical levers" has the measurements;
+  # `config_base.lexical_levers` lists them). PEC on the images too (`train.pec_images`) turns
+  # the top terms into caption words but leaves ~4,600 non-zeros per vector, so it stays off;
+  # the batch document-frequency penalty (`train.loss.df_weight`) did not add to the
+  # bag-of-words target.
+  config_base.lexical_levers(c)
   # The main job ends with the CMC rerank table (README "CMC reranker"): a small CMC (FFN 512,
   # C = 32, 2 epochs) so it adds well under a minute on 2 cores. On 626 training captions the
   # official settings leave the gate shut (g = -5 moves ~0.01 at lr 1e-4) and the integrated
