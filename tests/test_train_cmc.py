@@ -96,6 +96,15 @@ def test_mining_restricts_captions_as_the_tail_was_trained(tmp_path):
     np.testing.assert_allclose(c.teacher, np.take_along_axis(s[c.query_ids], c.candidates, 1),
                                rtol=1e-5, atol=1e-6)
   assert not np.allclose(own["candidates"]["t2i"].teacher, plain["candidates"]["t2i"].teacher)
+  # Scores handed in (one matrix for several seeds) mine what mine() computes itself.
+  s = scores_lib.score_matrices(tail_outputs.apply_tail(params, cache), 0.1, 0.1)["sparse"]
+  given = cmc_candidates.mine(params, split, scores=s, **dict(kw, root=tmp_path / "given"))
+  for f in ("query_ids", "candidates", "positive", "teacher"):
+    np.testing.assert_array_equal(getattr(given["candidates"]["t2i"], f),
+                                  getattr(plain["candidates"]["t2i"], f))
+  shifted = cmc_candidates.mine(params, split, scores=-s, **dict(kw, root=tmp_path / "neg"))
+  assert not np.array_equal(shifted["candidates"]["t2i"].teacher,
+                            plain["candidates"]["t2i"].teacher)
   assert checkpoint.own_caption_terms({"config": {"model": {"own_caption_terms": True}}})
   assert not checkpoint.own_caption_terms({"mode": "jsds"})  # written before the field
 
