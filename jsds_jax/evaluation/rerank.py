@@ -80,17 +80,25 @@ def first_stage_ranks(view: DirectionView) -> np.ndarray:
   return ranks
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-  """(Q, k) int64 indices of each row's k best scores, best first (ties: lower index first)."""
+def top_k(scores: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+  """(Q, k) int64 indices of each row's k best scores, best first (ties: lower index first).
+
+  Rows are taken `block` at a time, so the temporaries are O(block · N), not O(Q · N): a
+  corpus training matrix (33,579 × 19,705) would otherwise need ~8 GB of them.
+  """
   n = scores.shape[1]
   if k <= 0:
     raise RerankError(f"K = {k}: rerank at least one candidate per query")
   k = min(k, n)
-  part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n),
-                                                                              (len(scores), 1))
-  vals = np.take_along_axis(scores, part, axis=1)
-  order = np.lexsort((part, -vals), axis=1)
-  return np.take_along_axis(part, order, axis=1)
+  out = np.empty((len(scores), k), np.int64)
+  for start in range(0, len(scores), block):
+    rows = scores[start:start + block]
+    part = (np.argpartition(-rows, k - 1, axis=1)[:, :k] if k < n
+            else np.tile(np.arange(n), (len(rows), 1)))
+    vals = np.take_along_axis(rows, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    out[start:start + block] = np.take_along_axis(part, order, axis=1)
+  return out
 
 
 @functools.lru_cache(maxsize=16)
