@@ -131,7 +131,9 @@ def lexical_rows(out: pathlib.Path, tag: str, mode: str, seeds) -> dict | None:
 
   Returns:
     {"seeds", "self_grounding", "image_grounding", "max_top_term_share", "max_share_text",
-    "max_share_image" (each a list over the seeds, in [0, 1]), "top_text" / "top_image" (the
+    "max_share_image", "overuse_text", "overuse_image" (each a list over the seeds, in [0, 1];
+    over-use: `lexical.most_overused_term`'s excess), "overused" ([(captions' term, images'
+    term)] per seed), "top_text" / "top_image" (the
     first seed's most common top terms among the captions / images: [term, share, share whose
     caption holds it]), "nnz_text", "nnz_image", "sparse_t2i_r1", "dense_t2i_r1", "flops"}.
   """
@@ -151,6 +153,10 @@ def lexical_rows(out: pathlib.Path, tag: str, mode: str, seeds) -> dict | None:
           "max_top_term_share": [x["max_top_term_share"] for x in lex],
           "max_share_text": [x.get("max_top_term_share_text", float("nan")) for x in lex],
           "max_share_image": [x.get("max_top_term_share_image", float("nan")) for x in lex],
+          "overuse_text": [x.get("overuse_text", float("nan")) for x in lex],
+          "overuse_image": [x.get("overuse_image", float("nan")) for x in lex],
+          "overused": [(x.get("most_overused_text", ["?"])[0], x.get("most_overused_image",
+                                                                      ["?"])[0]) for x in lex],
           "top_text": lex[0].get("top_terms_text", [])[:2],
           "top_image": lex[0].get("top_terms_image", [])[:2],
           "nnz_text": [r["nnz_text"] for r in res], "nnz_image": [r["nnz_image"] for r in res],
@@ -163,9 +169,10 @@ def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
   """Markdown: sparse / dense t2i R@1, non-zeros, grounding and the most common top term."""
   head = ("| mode | t2i R@1 sparse | t2i R@1 dense | nnz image / caption | caption "
           "self-grounding@10 | image grounding@10 | top term's share captions / images | "
+          "over-use captions / images (terms per seed) | "
           "top terms of captions; of images (first seed; share, in brackets the share whose "
           "caption holds the word) | seeds |")
-  rows = [head, "|" + "---|" * 9]
+  rows = [head, "|" + "---|" * 10]
   pct = lambda v: _fmt([100 * x for x in v], 0) + "%"
   for mode in modes:
     if mode == "dense_only":
@@ -178,7 +185,9 @@ def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
     rows.append(f"| {mode} | {_fmt(r['sparse_t2i_r1'])} | {_fmt(r['dense_t2i_r1'])} | "
                 f"{_fmt(r['nnz_image'], 0)} / {_fmt(r['nnz_text'], 0)} | "
                 f"{pct(r['self_grounding'])} | {pct(r['image_grounding'])} | "
-                f"{pct(r['max_share_text'])} / {pct(r['max_share_image'])} | {terms} | "
+                f"{pct(r['max_share_text'])} / {pct(r['max_share_image'])} | "
+                f"{pct(r['overuse_text'])} / {pct(r['overuse_image'])} ("
+                + ", ".join(f"`{a}` / `{b}`" for a, b in r["overused"]) + f") | {terms} | "
                 f"{r['seeds']} |")
   return "\n".join(rows) if len(rows) > 2 else ""
 

@@ -251,7 +251,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # the (heads, 128, K) logits in a CPU's cache (bench/README)
   # Terms the sparse head may never weight (jsds_jax/vocab_mask.py): "none", "special" (special
   # tokens and [unused*], standard in learned sparse retrieval), "special_punct" (+ punctuation),
-  # "special_punct_stop" (+ English stopwords).
+  # "special_punct_stop" (+ English stopwords), "special_punct_stop_pieces" (+ WordPiece
+  # continuation pieces such as `##s`: every term starts a word).
   c.model.vocab_mask = "special"
   # Captions' sparse vectors restricted to their own tokens, at train and eval time (and for
   # search queries): no expansion, as an "inference-free" query encoder in learned sparse

@@ -56,7 +56,6 @@ from jsds_jax import train_data
 from jsds_jax import train_step
 from jsds_jax import vocab_mask
 from jsds_jax.data import feature_cache
-from jsds_jax.evaluation import lexical
 from jsds_jax.evaluation import validation
 from jsds_jax.models.trunk import backbones
 from jsds_jax.models.tail import jsds
@@ -302,13 +301,15 @@ def setup(config: ml_collections.ConfigDict,
     params = _params_from(tc.init_from, params, metadata)
   # Term strings: for the vocabulary mask and the lexical validation metrics.
   vocab = vocab_mask.vocabulary_for_cache(config.backbone, train_cache["meta"], module.vocab_size)
+  masked = None
   if vocab is not None and config.model.vocab_mask != "none":
-    params = vocab_mask.apply(params, vocab_mask.masked_terms(vocab, config.model.vocab_mask))
+    masked = vocab_mask.masked_terms(vocab, config.model.vocab_mask)
+    params = vocab_mask.apply(params, masked)
   tx = optim.make_optimizer(tc, total_steps)
   # Placed by `sharding.replicate`, which also works on meshes spanning several processes.
   state = sharding.replicate(train_step.create_train_state(params, tx, state_rng), mesh)
-  # Bag-of-words targets hold content wordpieces only (not special, punctuation, stopwords).
-  bow_terms = None if vocab is None else lexical.term_classes(vocab)["content"]
+  # Bag-of-words targets hold unmasked content wordpieces only.
+  bow_terms = None if vocab is None else vocab_mask.target_terms(vocab, masked)
   bow_weights = None
   if tc.loss.get("bow_idf", False):  # idf over the training captions
     bow_weights = term_losses.idf_weights(

@@ -3,7 +3,11 @@
 Standard in learned sparse retrieval: special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) and
 the `[unused*]` slots are not words, so no vector may weight them; punctuation and stopwords can
 be masked too (levels below). Without the mask the demo's head put `[SEP]`, `.` and `:` among
-the top 10 terms of every vector (issue 16).
+the top 10 terms of every vector (issue 16). The last level also masks WordPiece continuation
+pieces (`##s`, `##ing`): every term left then starts a word, and a plural ending can no longer
+serve as a latent dimension (on the corpus `##s` was in the top 10 of 40% of one seed's vectors
+while 2-3% of them hold it, README "Lexical levers"). Vocabularies without `##` pieces (CLIP's
+BPE) have none to mask: there it equals "special_punct_stop".
 
 How: the head computes z_v = log(1 + relu(E_v · x + c_v)). With the row E_v and the bias c_v
 zero, z_v = log(1 + relu(0)) = 0 for every input, and the gradient that reaches E_v and c_v is
@@ -22,7 +26,7 @@ import numpy as np
 
 from jsds_jax.evaluation import lexical
 
-LEVELS = ("none", "special", "special_punct", "special_punct_stop")
+LEVELS = ("none", "special", "special_punct", "special_punct_stop", "special_punct_stop_pieces")
 
 
 def masked_terms(vocab: Sequence[str], level: str) -> np.ndarray:
@@ -31,7 +35,8 @@ def masked_terms(vocab: Sequence[str], level: str) -> np.ndarray:
   Args:
     vocab: V term strings.
     level: "none"; "special" (special tokens and [unused*]); "special_punct" (+ punctuation);
-      "special_punct_stop" (+ stopwords).
+      "special_punct_stop" (+ stopwords); "special_punct_stop_pieces" (+ `##` continuation
+      pieces).
 
   Raises:
     ValueError: an unknown level.
@@ -39,14 +44,30 @@ def masked_terms(vocab: Sequence[str], level: str) -> np.ndarray:
   if level not in LEVELS:
     raise ValueError(f"model.vocab_mask must be one of {LEVELS}, got {level!r}")
   classes = lexical.term_classes(vocab)
+  depth = LEVELS.index(level)  # each level masks what the one before does, and more
   mask = np.zeros(len(vocab), bool)
-  if level != "none":
+  if depth >= 1:
     mask |= classes["special"]
-  if level in ("special_punct", "special_punct_stop"):
+  if depth >= 2:
     mask |= classes["punct"]
-  if level == "special_punct_stop":
+  if depth >= 3:
     mask |= classes["stop"]
+  if depth >= 4:
+    mask |= np.array([lexical.is_continuation(t) for t in vocab], bool)
   return mask
+
+
+def target_terms(vocab: Sequence[str], mask: np.ndarray | None) -> np.ndarray:
+  """(V,) bool: the terms a bag-of-words target may hold: content wordpieces (not special,
+  punctuation or a stopword) that `mask` leaves alone. A masked term must stay out: the target's
+  gradient reaches logits that do not fire, and would revive its zero row of E.
+
+  Args:
+    vocab: V term strings.
+    mask: (V,) bool from `masked_terms`, or None (no mask).
+  """
+  allowed = lexical.term_classes(vocab)["content"]
+  return allowed if mask is None else allowed & ~np.asarray(mask, bool)
 
 
 def apply(params: dict, mask: np.ndarray) -> dict:

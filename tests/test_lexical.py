@@ -81,9 +81,15 @@ def test_grounding_and_junk_mass():
   image_terms = {t: (s, n) for t, s, n in m["top_terms_image"]}
   assert image_terms["dog"] == (pytest.approx(0.5), pytest.approx(0.5))
   assert image_terms["cat"] == (pytest.approx(0.5), pytest.approx(0.5))  # caption 0 has "cat"
+  # Over-use: "sun" tops caption 1, which does not say it (+50 points); every image's top
+  # terms are words of its captions as often as they say them (no excess).
+  assert m["most_overused_text"] == ["sun", pytest.approx(0.5), pytest.approx(0.0)]
+  assert m["overuse_text"] == pytest.approx(0.5)
+  assert m["overuse_image"] == pytest.approx(0.0)
   lines = "\n".join(lexical.render_markdown(m))
   assert "`cat` 50.0%" in lines and "`[CLS]` 25.0%" in lines
   assert "`sun` 50.0% (0.0%)" in lines
+  assert "captions 50.0% (`sun` in 50.0% of the top-2 lists, its word in 0.0%)" in lines
 
 
 def test_top_term_shares_count_each_row_once():
@@ -91,3 +97,18 @@ def test_top_term_shares_count_each_row_once():
   shares = lexical.top_term_shares(ids, VOCAB, n=2)
   assert shares == [("cat", pytest.approx(2 / 3)), ("dog", pytest.approx(1 / 3))]
   assert lexical.top_term_shares(np.zeros((0, 3), int), VOCAB) == []
+
+
+def test_natural_share_all_matches_the_per_term_version_and_overuse_picks_the_excess():
+  token_ids = np.array([[CAT, DOG, -1], [CAT, CAT, SUN], [RED, -1, -1], [DOG, -1, -1]])
+  cap_img = np.array([0, 0, 1, 2])
+  for index, n in ((None, None), (cap_img, 4)):  # image 3 has no caption
+    got = lexical.natural_share_all(token_ids, 10, index, n)
+    want = lexical.natural_shares(range(10), token_ids, index, n)
+    np.testing.assert_allclose(got, want)
+  assert lexical.natural_share_all(token_ids, 10)[CAT] == pytest.approx(0.5)
+  natural = lexical.natural_share_all(token_ids, 10, cap_img, 4)  # cat: 1 of 4 images
+  # "cat" tops all 4 images (+75 points), "red" tops image 1, whose caption says it (+0).
+  top = np.array([[CAT, -1], [CAT, RED], [CAT, -1], [CAT, -1]])
+  assert lexical.most_overused_term(top, natural) == (CAT, 1.0, 0.25)
+  assert lexical.most_overused_term(np.zeros((0, 2), int), natural) == (-1, 0.0, 0.0)

@@ -26,9 +26,26 @@ def test_masked_terms_levels():
   assert names("special_punct_stop") == VOCAB[:8]
   with pytest.raises(ValueError, match="model.vocab_mask"):
     vocab_mask.masked_terms(VOCAB, "all")
+  pieces = ["[SEP]", "the", "heart", "##s", "##ing", "#", "chi", "##mp"]
+  masked = lambda level: [t for t, m in zip(pieces, vocab_mask.masked_terms(pieces, level)) if m]
+  assert masked("special_punct_stop") == ["[SEP]", "the", "#"]
+  assert masked("special_punct_stop_pieces") == ["[SEP]", "the", "##s", "##ing", "#", "##mp"]
+  # CLIP's BPE has no continuation pieces: the last level masks nothing more there.
+  bpe = ["<|endoftext|>", "the</w>", "heart", "s</w>", ".</w>"]
+  np.testing.assert_array_equal(vocab_mask.masked_terms(bpe, "special_punct_stop_pieces"),
+                                vocab_mask.masked_terms(bpe, "special_punct_stop"))
 
 
-def _run(params, module, steps=4, tau_lr=1e-3):
+def test_target_terms_are_content_words_the_mask_leaves():
+  pieces = ["[SEP]", "the", "heart", "##s", ".", "chi"]
+  allowed = lambda mask: [t for t, a in zip(pieces, vocab_mask.target_terms(pieces, mask)) if a]
+  assert allowed(None) == ["heart", "##s", "chi"]
+  assert allowed(vocab_mask.masked_terms(pieces, "special_punct_stop_pieces")) == ["heart", "chi"]
+
+
+def _run(params, module, steps=4, tau_lr=1e-3, bow_terms=None):
+  """`steps` real train steps; with `bow_terms`, the bag-of-words target on both sides (every
+  caption holds terms 2, 3 (`[CLS]`, `[SEP]`: masked above) and 10, 11)."""
   train = config_base.base_config().train
   train.batch_size = B
   train.warmup_fraction = 0.0
@@ -38,14 +55,19 @@ def _run(params, module, steps=4, tau_lr=1e-3):
   rng = np.random.default_rng(0)
   cap_img = np.arange(N_IMG)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  token_ids = None
+  if bow_terms is not None:
+    train.loss.bow_image = train.loss.bow_text = 1.0
+    token_ids = np.tile(np.array([[2, 3, 10, 11, -1]]), (N_IMG, 1))
   features = input_pipeline.device_features(rng.normal(size=(N_IMG, D)).astype(np.float32),
                                             rng.normal(size=(N_IMG, D)).astype(np.float32),
-                                            cap_img, mesh)
+                                            cap_img, mesh, text_token_ids=token_ids)
   order = input_pipeline.device_order(input_pipeline.epoch_order(0, 0, cap_img, B), mesh)
   tx = optim.make_optimizer(train, total_steps=steps)
   state = train_step.create_train_state(jax.tree_util.tree_map(jnp.copy, params), tx,
                                         jax.random.key(0), mesh)
-  step = train_step.make_train_step(module, tx, train, steps, mesh, compiler_options=_FAST)
+  step = train_step.make_train_step(module, tx, train, steps, mesh, compiler_options=_FAST,
+                                    bow_terms=bow_terms)
   taus = []
   for k in range(steps):
     state, m = step(state, features, order, k % 2)
@@ -93,3 +115,15 @@ def test_tau_is_clamped_in_the_params_before_each_step(module_and_params):
   assert all(abs(t - 0.5) <= 1.1e-3 for t in taus), taus
   assert train_step.clamp_tau_param({"tau": jnp.asarray(1e-5)}, module)["tau"] == pytest.approx(
       1e-3)
+
+
+def test_a_bag_of_words_target_does_not_revive_masked_terms(module_and_params):
+  module, params = module_and_params
+  mask = vocab_mask.masked_terms(VOCAB, "special")  # rows 0-3; the captions hold 2 and 3
+  masked = vocab_mask.apply(params, mask)
+  emb = lambda state: np.asarray(state.params["sparse_head"]["word_embeddings"])
+  state, _ = _run(masked, module, steps=2, bow_terms=vocab_mask.target_terms(VOCAB, mask))
+  np.testing.assert_array_equal(emb(state)[mask], 0.0)
+  # Not a vacuous check: with the masked terms left in the target their rows move.
+  state, _ = _run(masked, module, steps=2, bow_terms=np.ones(V, bool))
+  assert np.all(np.any(emb(state)[[2, 3]] != 0.0, axis=1))

@@ -12,7 +12,12 @@ the first on a split's own captions, with the backbone's vocabulary:
   special/punct in top-k    share of vectors with a special token or punctuation in their top k;
   top terms                 the terms found most often among the vectors' top k, with the share
                             of vectors that have them (a term topping every vector explains
-                            nothing).
+                            nothing);
+  over-use                  per side, the largest excess of a term's top-k share over its
+                            natural share (the share of captions, or of images through their
+                            captions, that hold the word): what a grounded model cannot explain.
+                            "letter" in 20% of the demo's test captions belongs in ~20% of the
+                            top-k lists; in 40% it is used as a latent dimension.
 
 A content wordpiece is a term that is not special, not punctuation and not a stopword
 (`term_classes`). Everything works from the top-k ids of each vector (`top_terms` computes them
@@ -67,6 +72,11 @@ def is_punctuation(token: str) -> bool:
   """Every character is punctuation or a symbol (".", "—", "|", "##.", "$", "©")."""
   bare = _bare(token)
   return bool(bare) and all(unicodedata.category(ch)[0] in "PS" for ch in bare)
+
+
+def is_continuation(token: str) -> bool:
+  """A WordPiece piece that continues a word ("##s", "##ing"); BPE vocabularies have none."""
+  return token.startswith(_CONTINUATION) and len(token) > len(_CONTINUATION)
 
 
 def is_stopword(token: str) -> bool:
@@ -216,13 +226,60 @@ def top_term_shares(top_ids: np.ndarray, vocab: Sequence[str], n: int = 10,
   rows = top_ids.shape[0]
   if rows == 0:
     return []
-  ok = _valid(top_ids, top_weights)
-  # A term counts once per row even if it were listed twice.
-  counts = np.zeros(len(vocab), np.int64)
-  for r in range(rows):
-    counts[np.unique(top_ids[r][ok[r]])] += 1
+  counts = top_term_counts(top_ids, len(vocab), top_weights)
   order = np.lexsort((np.arange(len(vocab)), -counts))[:n]
   return [(vocab[t], counts[t] / rows) for t in order if counts[t] > 0]
+
+
+def top_term_counts(top_ids: np.ndarray, vocab_size: int,
+                    top_weights: np.ndarray | None = None) -> np.ndarray:
+  """(V,) int: for each term, how many rows have it among their (valid) top terms; a term
+  counts once per row even if it were listed twice."""
+  counts = np.zeros(vocab_size, np.int64)
+  ok = _valid(top_ids, top_weights)
+  for r in range(top_ids.shape[0]):
+    counts[np.unique(top_ids[r][ok[r]])] += 1
+  return counts
+
+
+def natural_share_all(caption_token_ids: np.ndarray, vocab_size: int,
+                      caption_image_index: np.ndarray | None = None,
+                      num_images: int | None = None) -> np.ndarray:
+  """`natural_shares` of every term at once: (V,) float, the share of captions (or, with
+  `caption_image_index`, of images through any of their captions) whose tokens hold it."""
+  ids = np.asarray(caption_token_ids)
+  rows, cols = np.nonzero((ids >= 0) & (ids < vocab_size))
+  holds = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, ids[rows, cols])),
+                        shape=(ids.shape[0], vocab_size))
+  if caption_image_index is not None:
+    index = np.asarray(caption_image_index)
+    n = num_images if num_images is not None else (int(index.max()) + 1 if index.size else 0)
+    to_image = sp.csr_matrix((np.ones(index.size, np.float32), (index, np.arange(index.size))),
+                             shape=(n, index.size))
+    holds = to_image @ holds
+  if holds.shape[0] == 0:
+    return np.zeros(vocab_size)
+  return np.asarray((holds > 0).sum(axis=0)).ravel() / holds.shape[0]
+
+
+def most_overused_term(top_ids: np.ndarray, natural: np.ndarray,
+                       top_weights: np.ndarray | None = None) -> tuple[int, float, float]:
+  """The term whose top-k share most exceeds its natural share.
+
+  Args:
+    top_ids: (N, k) one side's top term ids.
+    natural: (V,) that side's `natural_share_all`.
+    top_weights: (N, k) or None.
+
+  Returns:
+    (term id, its top-k share, its natural share) among the terms in some row's top k (the
+    excess may be <= 0: then no term is over-used); (-1, 0, 0) without rows.
+  """
+  if top_ids.shape[0] == 0:
+    return -1, 0.0, 0.0
+  share = top_term_counts(top_ids, natural.shape[0], top_weights) / top_ids.shape[0]
+  t = int(np.argmax(np.where(share > 0, share - natural, -np.inf)))  # among terms in use
+  return t, float(share[t]), float(natural[t])
 
 
 def natural_shares(term_ids: Sequence[int], caption_token_ids: np.ndarray,
@@ -276,8 +333,10 @@ def lexical_metrics(top_t: tuple[np.ndarray, np.ndarray], top_i: tuple[np.ndarra
     {"k", "caption_self_grounding", "image_grounding", "junk_mass" (all weight),
     "junk_mass_text", "junk_mass_image", "special_or_punct_in_top" (share of all vectors),
     "max_top_term_share" (the most common top term's share of all vectors),
-    "max_top_term_share_text" / "_image" (the same within the captions / the images), and with
-    vocab "top_terms": [[term, share of all vectors], ...] and "top_terms_text" /
+    "max_top_term_share_text" / "_image" (the same within the captions / the images),
+    "overuse_text" / "_image" (`most_overused_term`: the largest top-k share minus natural
+    share of a term on that side), and with vocab "most_overused_text" / "_image": [term,
+    top-k share, natural share], "top_terms": [[term, share of all vectors], ...] and "top_terms_text" /
     "top_terms_image": [[term, share of that side's vectors, `natural_shares` of the term for
     that side], ...]}.
   """
@@ -304,6 +363,13 @@ def lexical_metrics(top_t: tuple[np.ndarray, np.ndarray], top_i: tuple[np.ndarra
   for side, (side_ids, side_w) in (("text", top_t), ("image", top_i)):
     side_shares = top_term_shares(side_ids, names, num_top_terms, side_w)
     out[f"max_top_term_share_{side}"] = float(side_shares[0][1]) if side_shares else 0.0
+    natural_all = natural_share_all(caption_token_ids, len(names),
+                                    None if side == "text" else caption_image_index,
+                                    top_i[0].shape[0])
+    t, share, natural = most_overused_term(side_ids, natural_all, side_w)
+    out[f"overuse_{side}"] = share - natural
+    if vocab is not None and t >= 0:
+      out[f"most_overused_{side}"] = [vocab[t], share, natural]
     if vocab is not None:
       index = {t: i for i, t in enumerate(vocab)}
       natural = natural_shares([index[t] for t, _ in side_shares], caption_token_ids,
@@ -344,6 +410,13 @@ def render_markdown(lex: Mapping[str, Any]) -> list[str]:
            "wordpieces (not special, punctuation or a stopword); image grounding: the same for "
            "images and the words of their captions; junk mass: share of all sparse weight on "
            "special tokens, [unused*], punctuation and stopwords."]
+  if "overuse_text" in lex:
+    over = lambda side: (f"{pct(lex[f'overuse_{side}'])}" + (
+        " (`{}` in {} of the top-{} lists, its word in {})".format(
+            lex[f"most_overused_{side}"][0], pct(lex[f"most_overused_{side}"][1]), k,
+            pct(lex[f"most_overused_{side}"][2])) if f"most_overused_{side}" in lex else ""))
+    lines += ["", f"Over-use, the largest excess of a term's top-{k} share over the share of "
+              f"vectors whose caption holds it: captions {over('text')}; images {over('image')}."]
   if lex.get("top_terms"):
     lines += ["", "Most common top terms (share of all vectors that have them in their top "
               f"{k}): " + ", ".join(f"`{t}` {pct(s)}" for t, s in lex["top_terms"])]
