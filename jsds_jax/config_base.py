@@ -154,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss.df_max = 0.1
   c.train.loss.df_scale = 1.0
   c.train.loss.df_sides = "both"         # the vectors penalised: "both", "image" or "text"
+  # Each term's df_max raised by the share of the batch's captions that hold it (content words
+  # only): a term fires as often as the captions say it without penalty, the excess is hit.
+  c.train.loss.df_natural = False
   # PEC, probabilistic expansion control (jsds / d2s; DESIGN.md §3): with probability p(t), one
   # draw per step, every caption's sparse vector is masked to its own tokens' vocabulary
   # entries; p falls linearly from 1 at step 0 to 0 at `pec_fraction` of the steps. Needs the

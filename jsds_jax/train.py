@@ -285,6 +285,7 @@ def setup(config: ml_collections.ConfigDict,
                               batch_size=tc.batch_size, layout=layout,
                               token_ids=(bool(tc.pec) or "text" in blocks
                                          or bool(tc.loss.bow_image or tc.loss.bow_text)
+                                         or bool(tc.loss.df_weight and tc.loss.df_natural)
                                          or own_caption_terms(config)),
                               stream_sides=tuple(blocks), dtype=tc.features_dtype)
   total_steps = tc.num_epochs * data.steps_per_epoch

@@ -101,6 +101,7 @@ class LossSettings:
   df_max: float = 0.1
   df_scale: float = 1.0
   df_sides: str = "both"
+  df_natural: bool = False
   total_steps: int = 1
 
   def __post_init__(self):
@@ -114,8 +115,14 @@ class LossSettings:
 
   @property
   def uses_bow(self) -> bool:
-    """Whether the loss needs the captions' token ids (a bag-of-words target)."""
+    """Whether the loss has a bag-of-words target (it needs the head's logits)."""
     return bool(self.bow_image or self.bow_text)
+
+  @property
+  def uses_token_ids(self) -> bool:
+    """Whether the loss needs the captions' token ids (a bag-of-words target, or the df
+    penalty's natural allowance)."""
+    return self.uses_bow or bool(self.df_weight and self.df_natural)
 
   @classmethod
   def from_config(cls, train: ml_collections.ConfigDict, total_steps: int) -> "LossSettings":
@@ -174,7 +181,8 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
     ½·(bow_image·KL(q ‖ softmax(l_i)) + bow_text·KL(q ‖ softmax(l_t)))
       + ½·df_weight(t)·½(DF(z_i) + DF(z_t))
 
-  (with `df_sides` "image" or "text" the penalty is DF of that side alone, not halved).
+  (with `df_sides` "image" or "text" the penalty is DF of that side alone, not halved; with
+  `df_natural` each term's allowance is the share of the batch's captions that hold it).
   q is each caption's bag of content words (weighted by `bow_weights` when given, e.g. idf);
   image k's target is caption k's. df_weight(t)
   warms up as η(t) does (`losses.reg_weight`, `reg_warmup_fraction`): at the start of a run
@@ -184,7 +192,8 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
   Args:
     out: {"z_i", "z_t": (B, V), and with a bow weight the logits "l_i", "l_t": (B, V)}; row
       k of the image side is the image of caption k.
-    token_ids: (B, L) caption token ids, -1 at padding; needed when a bow weight is on.
+    token_ids: (B, L) caption token ids, -1 at padding; needed when a bow weight or
+      df_natural is on.
     bow_terms: (V,) bool, the terms a bag-of-words target may hold, or None (every token).
     step: () optimizer steps taken (the penalty's warm-up).
     settings: the loss settings.
@@ -208,7 +217,10 @@ def term_loss(out: dict[str, jax.Array], token_ids: jax.Array | None,
         total = total + 0.5 * weight * kl
   if s.df_weight:
     sides = {"both": (z_i, z_t), "image": (z_i,), "text": (z_t,)}[s.df_sides]
-    df = sum(term_losses.df_penalty(z, s.df_max, s.df_scale) for z in sides) / len(sides)
+    allowance = (term_losses.natural_df(token_ids, z_t.shape[-1], bow_terms) if s.df_natural
+                 else None)
+    df = sum(term_losses.df_penalty(z, s.df_max, s.df_scale, allowance)
+             for z in sides) / len(sides)
     weight = losses.reg_weight(step, s.total_steps, s.df_weight, s.reg_warmup_fraction)
     metrics.update(df_penalty=df, df_weight=weight)
     total = total + 0.5 * weight * df
@@ -239,8 +251,9 @@ def loss_from_outputs(out: dict[str, jax.Array], image_idx: jax.Array, step: jax
   loss, metrics = _mode_loss(out, image_idx, step, settings)
   if settings.mode == "dense_only" or not (settings.uses_bow or settings.df_weight):
     return loss, metrics
-  if settings.uses_bow and token_ids is None:
-    raise ValueError("train.loss.bow_image / bow_text need the captions' token ids")
+  if settings.uses_token_ids and token_ids is None:
+    raise ValueError("train.loss.bow_image / bow_text / df_natural need the captions' token "
+                     "ids")
   extra, extra_metrics = term_loss(out, token_ids, bow_terms, step, settings, bow_weights)
   loss = loss + extra
   return loss, dict(metrics, **extra_metrics, total=loss)
@@ -376,7 +389,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
   scheds = optim.schedules(train, total_steps)
   use_pec = bool(train.pec)
   _check_caption_masks(train, settings.mode, module.own_caption_terms)
-  needs_ids = (use_pec or module.text_block is not None or settings.uses_bow
+  needs_ids = (use_pec or module.text_block is not None or settings.uses_token_ids
                or module.own_caption_terms)
   bow_terms = None if bow_terms is None else jnp.asarray(bow_terms, bool)
   bow_weights = None if bow_weights is None else jnp.asarray(bow_weights, jnp.float32)
@@ -404,7 +417,7 @@ def make_train_step(module: jsds.JSDSTail, tx: optax.GradientTransformation,
       # Before the all-gather: each device masks its own captions.
       out, extra = _mask_captions(out, token_ids, step_rng, pec_prob, train)
       out = {k: (v if k == "tau" else gather(v)) for k, v in out.items()}
-      all_ids = gather(token_ids) if settings.uses_bow else None
+      all_ids = gather(token_ids) if settings.uses_token_ids else None
       loss, metrics = loss_from_outputs(out, image_idx, state.step, settings, all_ids,
                                         bow_terms, bow_weights)
       metrics = dict(metrics, loss=loss, tau=out["tau"], **extra)

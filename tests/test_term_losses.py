@@ -128,6 +128,18 @@ def test_df_penalty_hits_only_terms_shared_by_more_than_the_share():
   assert np.all(g[:, 2:] == 0)  # rare terms, however large, are left alone
   # A larger scale κ makes the same weights count as rarer.
   assert float(term_losses.df_penalty(z, 0.1, 10.0)) < pen
+  # An allowance per term (the share of captions that say it) lifts that term's threshold.
+  allowance = np.array([0.0, 0.2, 0.0, 0.0, 0.0], np.float32)
+  assert float(term_losses.df_penalty(z, 0.1, 1.0, allowance)) == pytest.approx(t - 0.1,
+                                                                                rel=1e-5)
+
+
+def test_natural_df_is_the_share_of_captions_holding_each_allowed_term():
+  ids = jnp.asarray([[1, 2, 2, -1], [2, 3, -1, -1], [4, -1, -1, -1], [-1, -1, -1, -1]])
+  np.testing.assert_allclose(term_losses.natural_df(ids, 6), [0, 0.25, 0.5, 0.25, 0.25, 0])
+  allowed = jnp.asarray([True, True, False, True, True, True])
+  np.testing.assert_allclose(term_losses.natural_df(ids, 6, allowed),
+                             [0, 0.25, 0, 0.25, 0.25, 0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +219,19 @@ def test_df_penalty_on_one_side_only(setup, side):
   assert abs(float(df) - float(both)) > 1e-3  # the batch tells the sides apart
   with pytest.raises(ValueError, match="df_sides must be one of"):
     train_step.LossSettings.from_config(_train_config(df_sides="images"), 1)
+
+
+def test_df_penalty_with_the_natural_allowance(setup):
+  data, module, params, allowed = setup
+  _, history, order = _run(setup, 1, 1, df_weight=2.0, df_max=0.05, df_sides="image",
+                           df_natural=True)
+  caps = order[0]
+  out = module.apply({"params": params}, data["image"][caps], data["text"][caps])
+  natural = term_losses.natural_df(jnp.asarray(data["ids"][caps]), V, allowed)
+  df = term_losses.df_penalty(out["z_i"], 0.05, 1.0, natural)
+  np.testing.assert_allclose(history[0]["df_penalty"], df, rtol=1e-5)
+  plain = term_losses.df_penalty(out["z_i"], 0.05, 1.0)
+  assert float(plain) - float(df) > 1e-3  # the batch's captions hold terms that fire
 
 
 def test_step_uses_the_given_bow_weights(setup):
