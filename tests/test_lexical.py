@@ -99,15 +99,17 @@ def test_top_term_shares_count_each_row_once():
   assert lexical.top_term_shares(np.zeros((0, 3), int), VOCAB) == []
 
 
-def test_natural_share_all_matches_the_per_term_version_and_overuse_picks_the_excess():
+def test_natural_shares_per_caption_and_per_image_and_overuse_picks_the_excess():
   token_ids = np.array([[CAT, DOG, -1], [CAT, CAT, SUN], [RED, -1, -1], [DOG, -1, -1]])
-  cap_img = np.array([0, 0, 1, 2])
-  for index, n in ((None, None), (cap_img, 4)):  # image 3 has no caption
-    got = lexical.natural_share_all(token_ids, 10, index, n)
-    want = lexical.natural_shares(range(10), token_ids, index, n)
-    np.testing.assert_allclose(got, want)
-  assert lexical.natural_share_all(token_ids, 10)[CAT] == pytest.approx(0.5)
-  natural = lexical.natural_share_all(token_ids, 10, cap_img, 4)  # cat: 1 of 4 images
+  cap_img = np.array([0, 0, 1, 2])  # image 3 has no caption
+  want = np.zeros(10)
+  want[[CAT, DOG, SUN, RED]] = [0.5, 0.5, 0.25, 0.25]  # a repeated word counts once
+  np.testing.assert_allclose(lexical.natural_share_all(token_ids, 10), want)
+  want[[CAT, DOG, SUN, RED]] = [0.25, 0.5, 0.25, 0.25]  # images 0 (2 captions), 1, 2 of 4
+  natural = lexical.natural_share_all(token_ids, 10, cap_img, 4)
+  np.testing.assert_allclose(natural, want)
+  assert lexical.natural_shares([DOG, CAT], token_ids, cap_img, 4) == [0.5, 0.25]
+  assert lexical.natural_shares([], token_ids) == []
   # "cat" tops all 4 images (+75 points), "red" tops image 1, whose caption says it (+0).
   top = np.array([[CAT, -1], [CAT, RED], [CAT, -1], [CAT, -1]])
   assert lexical.most_overused_term(top, natural) == (CAT, 1.0, 0.25)

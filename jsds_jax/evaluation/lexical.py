@@ -298,19 +298,12 @@ def natural_shares(term_ids: Sequence[int], caption_token_ids: np.ndarray,
   Returns:
     [share in [0, 1]] per term.
   """
-  ids = np.asarray(caption_token_ids)
-  out = []
-  for t in term_ids:
-    has = np.any(ids == int(t), axis=1)
-    if caption_image_index is None:
-      out.append(float(np.mean(has)) if has.size else 0.0)
-    else:
-      index = np.asarray(caption_image_index)
-      n = num_images if num_images is not None else (int(index.max()) + 1 if index.size else 0)
-      per_image = np.zeros(n, bool)
-      np.logical_or.at(per_image, index, has)
-      out.append(float(np.mean(per_image)) if n else 0.0)
-  return out
+  terms = np.asarray(list(term_ids), np.int64)
+  if terms.size == 0:
+    return []
+  shares = natural_share_all(caption_token_ids, int(terms.max()) + 1, caption_image_index,
+                             num_images)
+  return [float(x) for x in shares[terms]]
 
 
 def lexical_metrics(top_t: tuple[np.ndarray, np.ndarray], top_i: tuple[np.ndarray, np.ndarray],
