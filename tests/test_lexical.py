@@ -89,7 +89,7 @@ def test_grounding_and_junk_mass():
   lines = "\n".join(lexical.render_markdown(m))
   assert "`cat` 50.0%" in lines and "`[CLS]` 25.0%" in lines
   assert "`sun` 50.0% (0.0%)" in lines
-  assert "captions 50.0% (`sun` in 50.0% of the top-2 lists, its word in 0.0%)" in lines
+  assert "captions +50.0 points (`sun` in 50.0% of the top-2 lists, its word in 0.0%)" in lines
 
 
 def test_top_term_shares_count_each_row_once():

@@ -404,7 +404,7 @@ def render_markdown(lex: Mapping[str, Any]) -> list[str]:
            "images and the words of their captions; junk mass: share of all sparse weight on "
            "special tokens, [unused*], punctuation and stopwords."]
   if "overuse_text" in lex:
-    over = lambda side: (f"{pct(lex[f'overuse_{side}'])}" + (
+    over = lambda side: (f"{100 * lex[f'overuse_{side}']:+.1f} points" + (
         " (`{}` in {} of the top-{} lists, its word in {})".format(
             lex[f"most_overused_{side}"][0], pct(lex[f"most_overused_{side}"][1]), k,
             pct(lex[f"most_overused_{side}"][2])) if f"most_overused_{side}" in lex else ""))
