@@ -169,11 +169,12 @@ def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
   """Markdown: sparse / dense t2i R@1, non-zeros, grounding and the most common top term."""
   head = ("| mode | t2i R@1 sparse | t2i R@1 dense | nnz image / caption | caption "
           "self-grounding@10 | image grounding@10 | top term's share captions / images | "
-          "over-use captions / images (terms per seed) | "
+          "over-use captions / images, points (terms per seed) | "
           "top terms of captions; of images (first seed; share, in brackets the share whose "
           "caption holds the word) | seeds |")
   rows = [head, "|" + "---|" * 10]
   pct = lambda v: _fmt([100 * x for x in v], 0) + "%"
+  pts = lambda v: _fmt([100 * x for x in v], 1)
   for mode in modes:
     if mode == "dense_only":
       continue
@@ -186,7 +187,7 @@ def lexical_table(out: pathlib.Path, tag: str, modes, seeds) -> str:
                 f"{_fmt(r['nnz_image'], 0)} / {_fmt(r['nnz_text'], 0)} | "
                 f"{pct(r['self_grounding'])} | {pct(r['image_grounding'])} | "
                 f"{pct(r['max_share_text'])} / {pct(r['max_share_image'])} | "
-                f"{pct(r['overuse_text'])} / {pct(r['overuse_image'])} ("
+                f"{pts(r['overuse_text'])} / {pts(r['overuse_image'])} ("
                 + ", ".join(f"`{a}` / `{b}`" for a, b in r["overused"]) + f") | {terms} | "
                 f"{r['seeds']} |")
   return "\n".join(rows) if len(rows) > 2 else ""
