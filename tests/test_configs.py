@@ -184,8 +184,8 @@ def test_corpus_runlocal_is_one_small_source():
 
 def test_corpus_has_the_lexical_levers_and_plain_drops_them():
   c, plain = _load("corpus"), _load("corpus", "plain")
-  levers = ("model.vocab_mask", "train.pretrained.lr", "train.pec", "train.loss.bow_image",
-            "train.loss.bow_text", "train.select_max_nnz")
+  levers = ("train.pretrained.lr", "train.pec", "train.loss.bow_image", "train.loss.bow_text",
+            "train.select_max_nnz")
   demo = _load("demo")
 
   def get(config, dotted):
@@ -196,4 +196,9 @@ def test_corpus_has_the_lexical_levers_and_plain_drops_them():
   assert [get(c, k) for k in levers] == [get(demo, k) for k in levers]
   base = config_base.base_config()
   assert [get(plain, k) for k in levers] == [get(base, k) for k in levers]
+  # The corpus masks WordPiece continuations too (README "Over-used terms"); plain masks
+  # special tokens only, as the base config.
+  assert (c.model.vocab_mask, demo.model.vocab_mask) == ("special_punct_stop_pieces",
+                                                         "special_punct_stop")
+  assert plain.model.vocab_mask == base.model.vocab_mask == "special"
   assert _load("corpus", "runlocal,plain").data.sources == "lucide"
