@@ -36,6 +36,13 @@ def _at_least_f32(x) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _allowed_tokens(token_ids: jax.Array, allowed: jax.Array | None, vocab_size: int
+                    ) -> jax.Array:
+  """(B, V) bool: the terms each caption holds, among the `allowed` ones (None: all)."""
+  hot = pec.token_mask(token_ids, vocab_size)
+  return hot if allowed is None else hot & jnp.asarray(allowed, bool)[None, :]
+
+
 def bow_targets(token_ids: jax.Array, allowed: jax.Array | None, vocab_size: int,
                 weights: jax.Array | None = None) -> jax.Array:
   """Bag-of-words distributions q of captions over the vocabulary.
@@ -55,10 +62,7 @@ def bow_targets(token_ids: jax.Array, allowed: jax.Array | None, vocab_size: int
     (B, V) float32, each row proportional to `weights` (uniform without) over the caption's
     allowed terms, or all zero when it has none (or they all weigh 0).
   """
-  hot = pec.token_mask(token_ids, vocab_size)
-  if allowed is not None:
-    hot = hot & jnp.asarray(allowed, bool)[None, :]
-  hot = hot.astype(jnp.float32)
+  hot = _allowed_tokens(token_ids, allowed, vocab_size).astype(jnp.float32)
   if weights is not None:
     hot = hot * jnp.asarray(weights, jnp.float32)[None, :]
   total = jnp.sum(hot, axis=-1, keepdims=True)
@@ -169,7 +173,4 @@ def natural_df(token_ids: jax.Array, vocab_size: int, allowed: jax.Array | None 
     vocab_size: V.
     allowed: (V,) bool or None (every token).
   """
-  hot = pec.token_mask(token_ids, vocab_size)
-  if allowed is not None:
-    hot = hot & jnp.asarray(allowed, bool)[None, :]
-  return jnp.mean(hot.astype(jnp.float32), axis=0)
+  return jnp.mean(_allowed_tokens(token_ids, allowed, vocab_size).astype(jnp.float32), axis=0)
